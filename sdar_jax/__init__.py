@@ -1,0 +1,1 @@
+"""sdar_jax: SDAR block-diffusion language models in JAX/Flax."""

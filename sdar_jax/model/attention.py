@@ -1,0 +1,110 @@
+"""Grouped-query self-attention with q/k RMSNorm before RoPE, and an optional KV cache."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from sdar_jax.config import ModelConfig
+from sdar_jax.model.layers import RMSNorm, dense_init, dtype_of, logical_init, rotary_embedding
+from sdar_jax.ops import attention as attention_ops
+from sdar_jax.ops.masks import MaskSpec
+
+
+def write_cache(cache: jnp.ndarray, new: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+    """Writes each row's new keys (or values) at that row's own positions.
+
+    Args:
+      cache: [batch, max_len, kv_heads, head_dim].
+      new: [batch, seq, kv_heads, head_dim].
+      positions: [batch, seq] int32, each < max_len.
+
+    Returns:
+      The updated cache, same shape.
+    """
+    rows = jnp.arange(cache.shape[0])[:, None]
+    return cache.at[rows, positions].set(new.astype(cache.dtype))
+
+
+def resolve_impl(name: str) -> str:
+    """'auto' means the Pallas kernels on accelerators and XLA on CPU."""
+    if name != "auto":
+        return name
+    import jax
+
+    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+
+
+class Attention(nn.Module):
+    """Self-attention of one decoder layer.
+
+    Without a cache it attends within the given row. With a cache it writes
+    the row's keys and values at their positions first and then attends to the
+    whole cache (positions 0..max_len-1); the mask hides the unwritten part.
+    """
+
+    config: ModelConfig
+    mask: MaskSpec
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        positions: jnp.ndarray,
+        segment_ids: jnp.ndarray | None,
+        cache: tuple[jnp.ndarray, jnp.ndarray] | None,
+    ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray] | None]:
+        """
+        Args:
+          x: [batch, seq, hidden] in the compute dtype.
+          positions: [batch, seq] int32.
+          segment_ids: [batch, seq] int32 or None (ignored with a cache).
+          cache: (k, v), each [batch, max_len, kv_heads, head_dim], or None.
+
+        Returns:
+          ([batch, seq, hidden], updated cache or None).
+        """
+        cfg = self.config
+        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+
+        def projection(heads: int, head_axis: str, name: str) -> nn.DenseGeneral:
+            return nn.DenseGeneral(
+                (heads, cfg.head_dim), use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=logical_init(dense_init(), ("embed", head_axis, "head_dim")), name=name,
+            )
+
+        q = projection(cfg.num_heads, "heads", "q_proj")(x)
+        k = projection(cfg.num_kv_heads, "kv_heads", "k_proj")(x)
+        v = projection(cfg.num_kv_heads, "kv_heads", "v_proj")(x)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, param_dtype, "head_dim", name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, param_dtype, "head_dim", name="k_norm")(k)
+        q = rotary_embedding(q, positions, cfg.rope_theta)
+        k = rotary_embedding(k, positions, cfg.rope_theta)
+
+        if cache is None:
+            kv_positions, kv_segment_ids = positions, segment_ids
+            new_cache = None
+        else:
+            cache_k = write_cache(cache[0], k, positions)
+            cache_v = write_cache(cache[1], v, positions)
+            new_cache = (cache_k, cache_v)
+            k, v = cache_k.astype(dtype), cache_v.astype(dtype)
+            batch, max_len = cache_k.shape[:2]
+            kv_positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
+            segment_ids, kv_segment_ids = None, None
+
+        out = attention_ops.attention(
+            q, k, v,
+            mask=self.mask,
+            q_positions=positions,
+            kv_positions=kv_positions,
+            q_segment_ids=segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            impl=resolve_impl(cfg.attention_impl),
+        )
+        out = nn.DenseGeneral(
+            cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=logical_init(dense_init(), ("heads", "head_dim", "embed")), name="o_proj",
+        )(out)
+        return out, new_cache

@@ -1,0 +1,207 @@
+"""The Qwen3 / SDAR / Llama decoder: embeddings, scanned pre-norm layers, head.
+
+One definition serves training (a whole row, any mask) and decoding (a few
+tokens against a static KV cache). Parameters are a plain pytree; every call
+is `Transformer(config).apply({"params": params}, ...)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from sdar_jax.config import ModelConfig
+from sdar_jax.model.attention import Attention
+from sdar_jax.model.layers import RMSNorm, SwiGLU, dense_init, dtype_of, logical_init
+from sdar_jax.ops.masks import MaskSpec
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Static-shape key/value cache, indexed by absolute position.
+
+    k, v: [layers, batch, max_len, kv_heads, head_dim].
+    """
+
+    k: jnp.ndarray
+    v: jnp.ndarray
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+    """An all-zero cache; dtype defaults to the compute dtype."""
+    if max_len > config.max_position_embeddings:
+        raise ValueError(
+            f"cache max_len {max_len} exceeds the model's max_position_embeddings "
+            f"{config.max_position_embeddings}"
+        )
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    dtype = dtype or dtype_of(config.dtype)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """logits: [batch, seq', vocab] float32 (seq' set by logits_slice);
+    cache: the updated KVCache or None; aux_loss: scalar float32, the sum over
+    layers of the MoE load-balancing loss (0 for dense models);
+    hidden: [batch, seq', hidden] final-normed hidden states."""
+
+    logits: jnp.ndarray
+    cache: KVCache | None
+    aux_loss: jnp.ndarray
+    hidden: jnp.ndarray
+
+
+class DecoderLayer(nn.Module):
+    """x += attn(norm(x)); x += mlp(norm(x)). Scanned: (carry, cache) -> (carry, cache)."""
+
+    config: ModelConfig
+    mask: MaskSpec
+
+    @nn.compact
+    def __call__(self, carry, layer_cache, positions, segment_ids):
+        x, aux_loss = carry
+        cfg = self.config
+        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        h = RMSNorm(cfg.rms_norm_eps, param_dtype, "embed", name="input_layernorm")(x)
+        attn_out, layer_cache = Attention(cfg, self.mask, name="self_attn")(
+            h, positions, segment_ids, layer_cache
+        )
+        x = x + attn_out
+        h = RMSNorm(cfg.rms_norm_eps, param_dtype, "embed", name="post_attention_layernorm")(x)
+        if cfg.is_moe:
+            from sdar_jax.model.moe import MoeMLP  # MoE layers live in their own module
+
+            mlp_out, layer_aux = MoeMLP(cfg, name="mlp")(h)
+            aux_loss = aux_loss + layer_aux
+        else:
+            mlp_out = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype, param_dtype, name="mlp")(h)
+        return (x + mlp_out, aux_loss), layer_cache
+
+
+class Transformer(nn.Module):
+    """The full decoder.
+
+    Param tree: embed_tokens/embedding [vocab, hidden]; layers/... with a
+    leading [layers] axis (scan); norm/scale [hidden]; lm_head/kernel
+    [hidden, vocab] unless tie_word_embeddings.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jnp.ndarray,
+        positions: jnp.ndarray,
+        *,
+        mask: MaskSpec,
+        segment_ids: jnp.ndarray | None = None,
+        cache: KVCache | None = None,
+        logits_slice: tuple[int, int] | None = None,
+    ) -> ModelOutput:
+        """
+        Args:
+          tokens: [batch, seq] int32.
+          positions: [batch, seq] int32 position ids (per packed segment, or
+            absolute positions in the cache when decoding).
+          mask: the attention mask description.
+          segment_ids: [batch, seq] int32 packing segments, or None. Not used
+            with a cache.
+          cache: a KVCache to write this call's keys/values into and attend to.
+          logits_slice: (start, stop) along seq: compute the head only there
+            (e.g. the noisy half of a block-diffusion row).
+
+        Returns:
+          ModelOutput.
+        """
+        cfg = self.config
+        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        if tokens.shape != positions.shape:
+            raise ValueError(f"tokens {tokens.shape} and positions {positions.shape} must match")
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=logical_init(dense_init(), ("vocab", "embed")), name="embed_tokens",
+        )
+        x = embed(tokens)
+
+        layer_cls = DecoderLayer
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        if cfg.remat_policy != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
+        layers = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, mask, name="layers")
+        layer_caches = None if cache is None else (cache.k, cache.v)
+        (x, aux_loss), layer_caches = layers(
+            (x, jnp.zeros((), jnp.float32)), layer_caches, positions, segment_ids
+        )
+        new_cache = None if cache is None else KVCache(k=layer_caches[0], v=layer_caches[1])
+
+        if logits_slice is not None:
+            x = x[:, logits_slice[0] : logits_slice[1]]
+        hidden = RMSNorm(cfg.rms_norm_eps, param_dtype, "embed", name="norm")(x)
+        if cfg.tie_word_embeddings:
+            logits = embed.attend(hidden)
+        else:
+            logits = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=logical_init(dense_init(), ("embed", "vocab")), name="lm_head",
+            )(hidden)
+        return ModelOutput(
+            logits=logits.astype(jnp.float32), cache=new_cache, aux_loss=aux_loss, hidden=hidden
+        )
+
+
+def _dummy_inputs(config: ModelConfig) -> tuple[jnp.ndarray, jnp.ndarray]:
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return tokens, jnp.zeros_like(tokens)
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> dict:
+    """Randomly initialised parameters (plain arrays, logical boxes removed)."""
+    tokens, positions = _dummy_inputs(config)
+    variables = Transformer(config).init(rng, tokens, positions, mask=MaskSpec("causal"))
+    return nn.unbox(variables["params"])
+
+
+def abstract_params(config: ModelConfig) -> dict:
+    """The boxed parameter tree as ShapeDtypeStructs (carries logical axis names)."""
+    tokens, positions = _dummy_inputs(config)
+    variables = jax.eval_shape(
+        lambda rng: Transformer(config).init(rng, tokens, positions, mask=MaskSpec("causal")),
+        jax.random.key(0),
+    )
+    return variables["params"]
+
+
+def param_logical_axes(config: ModelConfig) -> dict:
+    """A pytree like the params whose leaves are PartitionSpecs of logical axis names."""
+    return nn.get_partition_spec(abstract_params(config))
+
+
+def apply(
+    config: ModelConfig, params: dict, tokens: jnp.ndarray, positions: jnp.ndarray, **kwargs: Any
+) -> ModelOutput:
+    """Shorthand for `Transformer(config).apply({"params": params}, tokens, positions, **kwargs)`."""
+    return Transformer(config).apply({"params": params}, tokens, positions, **kwargs)

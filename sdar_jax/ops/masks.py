@@ -1,0 +1,140 @@
+"""Attention masks as index functions.
+
+Every mask is written once, as a function of the query and key indices, their
+position ids and their packing segment ids. The dense XLA reference, the
+Pallas kernels' tile skipping and the tests all derive from `mask_fn`.
+
+Kinds:
+  causal           k_pos <= q_pos
+  block_causal     k_pos // B <= q_pos // B
+  block_diffusion  the SDAR training row `[xt ; x0]` of length 2L (index < L is
+                   the noisy half, positions are duplicated, blk = pos // B):
+                     noisy q -> noisy k   blk(k) == blk(q)
+                     noisy q -> clean k   blk(k) <  blk(q)
+                     clean q -> clean k   blk(k) <= blk(q)
+                     clean q -> noisy k   never
+  bidirectional    everything
+Every kind also requires equal segment ids (packed examples never see each other).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+MaskKind = Literal["causal", "block_causal", "block_diffusion", "bidirectional"]
+MASK_KINDS = ("causal", "block_causal", "block_diffusion", "bidirectional")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """A static, hashable description of an attention mask.
+
+    Attributes:
+      kind: one of MASK_KINDS.
+      block_size: B for the block kinds (ignored otherwise).
+    """
+
+    kind: MaskKind
+    block_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in MASK_KINDS:
+            raise ValueError(f"MaskSpec.kind {self.kind!r} is unknown; expected one of {MASK_KINDS}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"MaskSpec.block_size must be a positive int, got {self.block_size!r}")
+
+
+def causal() -> MaskSpec:
+    return MaskSpec("causal")
+
+
+def block_causal(block_size: int) -> MaskSpec:
+    return MaskSpec("block_causal", block_size)
+
+
+def block_diffusion(block_size: int) -> MaskSpec:
+    return MaskSpec("block_diffusion", block_size)
+
+
+def mask_fn(spec: MaskSpec, q_idx, k_idx, q_pos, k_pos, q_seg, k_seg, noisy_len: int | None = None):
+    """Whether query q may attend to key k; all arguments broadcast together.
+
+    Args:
+      spec: the mask description.
+      q_idx, k_idx: indices in the (self-attention) row; used only by
+        block_diffusion to tell the halves apart.
+      q_pos, k_pos: position ids.
+      q_seg, k_seg: packing segment ids.
+      noisy_len: L, the length of the noisy half (block_diffusion only).
+
+    Returns:
+      A boolean array of the broadcast shape.
+    """
+    same_segment = q_seg == k_seg
+    if spec.kind == "bidirectional":
+        return same_segment
+    if spec.kind == "causal":
+        return same_segment & (k_pos <= q_pos)
+    q_blk = q_pos // spec.block_size
+    k_blk = k_pos // spec.block_size
+    if spec.kind == "block_causal":
+        return same_segment & (k_blk <= q_blk)
+    if noisy_len is None:
+        raise ValueError("mask_fn: block_diffusion needs noisy_len (half the row length)")
+    q_noisy = q_idx < noisy_len
+    k_noisy = k_idx < noisy_len
+    allowed = jnp.where(
+        q_noisy,
+        jnp.where(k_noisy, k_blk == q_blk, k_blk < q_blk),
+        ~k_noisy & (k_blk <= q_blk),
+    )
+    return same_segment & allowed
+
+
+def dense_mask(
+    spec: MaskSpec,
+    q_positions: jnp.ndarray,
+    kv_positions: jnp.ndarray,
+    q_segment_ids: jnp.ndarray | None = None,
+    kv_segment_ids: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+    """The mask as a dense boolean array.
+
+    Args:
+      spec: the mask description.
+      q_positions: [batch, q_len] int32 position ids of the queries.
+      kv_positions: [batch, kv_len] int32 position ids of the keys.
+      q_segment_ids, kv_segment_ids: [batch, q_len] / [batch, kv_len] int32, or
+        None for a single segment.
+
+    Returns:
+      [batch, q_len, kv_len] bool.
+    """
+    batch, q_len = q_positions.shape
+    kv_len = kv_positions.shape[1]
+    if spec.kind == "block_diffusion" and q_len != kv_len:
+        raise ValueError(
+            f"block_diffusion is a self-attention mask over [xt; x0]: q_len ({q_len}) must "
+            f"equal kv_len ({kv_len})"
+        )
+    if spec.kind == "block_diffusion" and q_len % 2:
+        raise ValueError(f"block_diffusion row length must be even ([xt; x0]), got {q_len}")
+    if q_segment_ids is None:
+        q_segment_ids = jnp.zeros((batch, q_len), jnp.int32)
+    if kv_segment_ids is None:
+        kv_segment_ids = jnp.zeros((batch, kv_len), jnp.int32)
+    q_idx = jnp.arange(q_len)[None, :, None]
+    k_idx = jnp.arange(kv_len)[None, None, :]
+    return mask_fn(
+        spec,
+        q_idx,
+        k_idx,
+        q_positions[:, :, None],
+        kv_positions[:, None, :],
+        q_segment_ids[:, :, None],
+        kv_segment_ids[:, None, :],
+        noisy_len=q_len // 2,
+    )

@@ -1,0 +1,14 @@
+"""Test-wide setup: eight fake CPU devices, float32 matmuls at full precision.
+
+XLA_FLAGS must be set before jax is imported anywhere, so this runs first.
+"""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
