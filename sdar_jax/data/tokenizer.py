@@ -15,10 +15,14 @@ already defines (the released SDAR files say `<MASK>` there and `<|MASK|>` in
 the decoder, both id 151669) is kept as an alias: `token_to_id` resolves it
 and `encode` turns it into that id, while `decode` writes the canonical
 (decoder) string. `transformers` drops such aliases.
+
+`build_char_tokenizer` writes the tiny char-level tokenizer of the embedded
+demo (`assets/char_tokenizer`, rebuilt by `python -m sdar_jax.data.tokenizer`).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -252,7 +256,8 @@ class Tokenizer:
                   _template=compile_chat_template(template) if template else None,
                   _alias_pattern=alias_pattern)
         for field, content in special_tokens.items():
-            tok.token_to_id(content)  # every named special token must exist
+            if tok.backend.token_to_id(content) is None and content not in aliases:
+                raise TokenizerError(f"{directory}: {field} {content!r} is not in the vocabulary")
         return tok
 
     # ---- vocabulary ----------------------------------------------------------------
@@ -433,8 +438,6 @@ def load_char_tokenizer() -> Tokenizer:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Build the demo's char-level tokenizer.")
     parser.add_argument("--out", default=CHAR_TOKENIZER_DIR, help="output directory")
     build_char_tokenizer(parser.parse_args(argv).out)

@@ -161,6 +161,15 @@ def test_missing_files_name_directory_and_expected_files(tmp_path):
         Tokenizer.from_dir(tmp_path)
 
 
+def test_missing_named_special_token_is_rejected(tmp_path):
+    build_char_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["eos_token"] = "</s>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match="eos_token '</s>' is not in the vocabulary"):
+        Tokenizer.from_dir(tmp_path)
+
+
 def test_added_token_id_gap_is_rejected(tmp_path):
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(os.path.join(SDAR_DIR, name), tmp_path / name)
