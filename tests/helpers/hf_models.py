@@ -190,9 +190,9 @@ def hf_logits(
     Returns:
       [batch, seq, vocab] float32.
     """
-    kwargs: dict[str, Any] = {"input_ids": torch.as_tensor(np.asarray(tokens, dtype=np.int64))}
+    kwargs: dict[str, Any] = {"input_ids": torch.tensor(np.asarray(tokens, dtype=np.int64))}
     if positions is not None:
-        kwargs["position_ids"] = torch.as_tensor(np.asarray(positions, dtype=np.int64))
+        kwargs["position_ids"] = torch.tensor(np.asarray(positions, dtype=np.int64))
     if allowed is not None:
         kwargs["attention_mask"] = additive_mask(allowed, model.dtype)
     with torch.no_grad():
