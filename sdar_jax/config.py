@@ -231,7 +231,11 @@ def from_hf_config(hf: Mapping[str, Any], source: str = "config.json", **runtime
                 f"decoder_sparse_step={sparse_step}) are not supported; every layer must be MoE"
             )
         fields.update(
-            num_experts=int(_field(hf, "num_experts", source)),
+            # transformers 5 saves Qwen3-MoE's expert count as num_local_experts.
+            num_experts=int(
+                hf["num_local_experts"] if "num_experts" not in hf and "num_local_experts" in hf
+                else _field(hf, "num_experts", source)
+            ),
             num_experts_per_tok=int(_field(hf, "num_experts_per_tok", source)),
             moe_intermediate_size=int(_field(hf, "moe_intermediate_size", source)),
             norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
