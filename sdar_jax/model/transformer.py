@@ -17,7 +17,9 @@ import jax.numpy as jnp
 from sdar_jax.config import ModelConfig
 from sdar_jax.model.attention import Attention
 from sdar_jax.model.layers import RMSNorm, SwiGLU, dense_init, dtype_of, logical_init
+from sdar_jax.model.moe import MoeMLP
 from sdar_jax.ops.masks import MaskSpec
+from sdar_jax.ops.moe import RouterStats, load_balancing_loss
 
 REMAT_POLICIES = {
     "none": None,
@@ -57,8 +59,10 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
 @flax.struct.dataclass
 class ModelOutput:
     """logits: [batch, seq', vocab] float32 (seq' set by logits_slice);
-    cache: the updated KVCache or None; aux_loss: scalar float32, the sum over
-    layers of the MoE load-balancing loss (0 for dense models);
+    cache: the updated KVCache or None; aux_loss: scalar float32, the MoE
+    load-balancing loss of the router statistics pooled over all layers, as
+    transformers' `aux_loss` (not the sum of per-layer losses; 0 for dense
+    models; row padding, segment id 0, is not counted);
     hidden: [batch, seq', hidden] final-normed hidden states."""
 
     logits: jnp.ndarray
@@ -68,14 +72,18 @@ class ModelOutput:
 
 
 class DecoderLayer(nn.Module):
-    """x += attn(norm(x)); x += mlp(norm(x)). Scanned: (carry, cache) -> (carry, cache)."""
+    """x += attn(norm(x)); x += mlp(norm(x)). Scanned: (carry, cache) -> (carry, cache).
+
+    carry = (x [batch, seq, hidden], router statistics summed over the layers
+    so far: a RouterStats for MoE models, a float32 zero for dense ones).
+    """
 
     config: ModelConfig
     mask: MaskSpec
 
     @nn.compact
     def __call__(self, carry, layer_cache, positions, segment_ids):
-        x, aux_loss = carry
+        x, router_totals = carry
         cfg = self.config
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, param_dtype, "embed", name="input_layernorm")(x)
@@ -85,13 +93,12 @@ class DecoderLayer(nn.Module):
         x = x + attn_out
         h = RMSNorm(cfg.rms_norm_eps, param_dtype, "embed", name="post_attention_layernorm")(x)
         if cfg.is_moe:
-            from sdar_jax.model.moe import MoeMLP  # MoE layers live in their own module
-
-            mlp_out, layer_aux = MoeMLP(cfg, name="mlp")(h)
-            aux_loss = aux_loss + layer_aux
+            token_mask = None if segment_ids is None else segment_ids > 0
+            mlp_out, layer_stats = MoeMLP(cfg, name="mlp")(h, token_mask)
+            router_totals = jax.tree.map(jnp.add, router_totals, layer_stats)
         else:
             mlp_out = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype, param_dtype, name="mlp")(h)
-        return (x + mlp_out, aux_loss), layer_cache
+        return (x + mlp_out, router_totals), layer_cache
 
 
 class Transformer(nn.Module):
@@ -153,9 +160,9 @@ class Transformer(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, mask, name="layers")
         layer_caches = None if cache is None else (cache.k, cache.v)
-        (x, aux_loss), layer_caches = layers(
-            (x, jnp.zeros((), jnp.float32)), layer_caches, positions, segment_ids
-        )
+        router_totals = RouterStats.zeros(cfg.num_experts) if cfg.is_moe else jnp.zeros((), jnp.float32)
+        (x, router_totals), layer_caches = layers((x, router_totals), layer_caches, positions, segment_ids)
+        aux_loss = load_balancing_loss(router_totals) if cfg.is_moe else router_totals
         new_cache = None if cache is None else KVCache(k=layer_caches[0], v=layer_caches[1])
 
         if logits_slice is not None:
