@@ -1,0 +1,192 @@
+"""Training objectives: the SDAR block-diffusion loss (spec §2) and the AR baseline.
+
+Both take the model as a plain function,
+`apply_fn(params, tokens, positions, *, mask, segment_ids, logits_slice)`
+returning an object with `logits` ([batch, seq', vocab]) and `aux_loss` (scalar,
+the MoE load-balancing loss; 0 for dense models), e.g.
+`functools.partial(sdar_jax.model.transformer.apply, config)`. The returned
+loss does not include the aux loss: the trainer adds `coefficient * aux_loss`.
+
+Batches follow the shared contract: a dict with `tokens`, `positions`,
+`segment_ids` ([batch, seq] int32) and `loss_mask` ([batch, seq] bool).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sdar_jax.diffusion.noise import DEFAULT_EPS, DEFAULT_MAX_TRIES, diffusion_row, noise_tokens
+from sdar_jax.ops.masks import MaskSpec
+
+ApplyFn = Callable[..., Any]
+Normalization = Literal["non_prompt", "masked"]
+NORMALIZATIONS = ("non_prompt", "masked")
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
+
+
+def _check_batch(batch: Mapping[str, jnp.ndarray], caller: str) -> None:
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise KeyError(f"{caller}: batch lacks {missing}; expected keys {BATCH_KEYS}")
+    shape = batch["tokens"].shape
+    if len(shape) != 2:
+        raise ValueError(f"{caller}: batch['tokens'] must be [batch, seq], got shape {shape}")
+    for key in BATCH_KEYS[1:]:
+        if batch[key].shape != shape:
+            raise ValueError(f"{caller}: batch[{key!r}] has shape {batch[key].shape}, expected {shape}")
+
+
+def token_cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Per-token cross entropy (float32, log-softmax with max subtraction) and hits.
+
+    Args:
+      logits: [batch, seq, vocab] float.
+      targets: [batch, seq] int32.
+
+    Returns:
+      (ce, correct): [batch, seq] float32 and [batch, seq] bool (argmax == target).
+    """
+    logits = logits.astype(jnp.float32)
+    ce = optax.losses.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = jnp.argmax(logits, axis=-1) == targets
+    return ce, correct
+
+
+def _safe_div(num: jnp.ndarray, den: jnp.ndarray) -> jnp.ndarray:
+    return num / jnp.maximum(den, 1).astype(jnp.float32)
+
+
+def sdar_loss(
+    apply_fn: ApplyFn,
+    params: Any,
+    batch: Mapping[str, jnp.ndarray],
+    rng: jax.Array,
+    *,
+    block_size: int,
+    mask_token_id: int,
+    normalization: Normalization = "non_prompt",
+    eps: float = DEFAULT_EPS,
+    max_tries: int = DEFAULT_MAX_TRIES,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """The SDAR objective: masked-token CE weighted by 1/p over the `[xt ; x0]` row.
+
+    loss = sum over masked i of CE(logits_i, x0_i) / p_i, divided by the number
+    of loss_mask tokens in the batch (`normalization="non_prompt"`, the
+    release's current code) or by the number of masked tokens (`"masked"`, what
+    the released checkpoints were trained with). Position i predicts the token
+    at i (no shift); logits are read from the noisy half only.
+
+    Args:
+      apply_fn: the model function (see the module docstring).
+      params: the model parameters.
+      batch: tokens / positions / segment_ids [batch, L] int32, loss_mask
+        [batch, L] bool. Every packed example starts on a block boundary.
+      rng: PRNG key for the noise.
+      block_size: B of the block-diffusion mask.
+      mask_token_id: the mask token.
+      normalization: "non_prompt" or "masked".
+      eps: noise-level floor.
+      max_tries: draws per segment before forcing one masked token.
+
+    Returns:
+      (loss, metrics): loss is a float32 scalar; metrics holds float32/int32
+      scalars: loss, ce (unweighted mean CE over masked tokens), accuracy
+      (argmax hits over masked tokens), num_masked, num_loss_tokens,
+      weighted_ce_sum and normalizer (loss = weighted_ce_sum / max(normalizer,
+      1), for exact accumulation over micro-batches), aux_loss.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"sdar_loss: normalization {normalization!r} is not one of {NORMALIZATIONS}")
+    _check_batch(batch, "sdar_loss")
+    x0, loss_mask = batch["tokens"], batch["loss_mask"].astype(bool)
+    seq = x0.shape[1]
+    if seq % block_size:
+        raise ValueError(f"sdar_loss: sequence length {seq} is not a multiple of block_size {block_size}")
+    noised = noise_tokens(
+        rng, x0, loss_mask, batch["segment_ids"],
+        mask_token_id=mask_token_id, eps=eps, max_tries=max_tries,
+    )
+    tokens, positions, segment_ids = diffusion_row(
+        noised.xt, x0, batch["positions"], batch["segment_ids"]
+    )
+    out = apply_fn(
+        params, tokens, positions,
+        mask=MaskSpec("block_diffusion", block_size), segment_ids=segment_ids,
+        logits_slice=(0, seq),
+    )
+    ce, correct = token_cross_entropy(out.logits, x0)
+    masked = noised.masked
+    num_masked = masked.sum(dtype=jnp.int32)
+    num_loss_tokens = loss_mask.sum(dtype=jnp.int32)
+    weighted_ce_sum = jnp.sum(jnp.where(masked, ce / noised.p, 0.0))
+    normalizer = num_loss_tokens if normalization == "non_prompt" else num_masked
+    loss = _safe_div(weighted_ce_sum, normalizer)
+    metrics = {
+        "loss": loss,
+        "ce": _safe_div(jnp.sum(jnp.where(masked, ce, 0.0)), num_masked),
+        "accuracy": _safe_div(jnp.sum(masked & correct, dtype=jnp.int32), num_masked),
+        "num_masked": num_masked,
+        "num_loss_tokens": num_loss_tokens,
+        "weighted_ce_sum": weighted_ce_sum,
+        "normalizer": normalizer,
+        "aux_loss": jnp.asarray(out.aux_loss, jnp.float32),
+    }
+    return loss, metrics
+
+
+def ar_targets(batch: Mapping[str, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Next-token targets within each packed segment.
+
+    Position i predicts token i + 1 when both lie in the same (non-padding)
+    segment and token i + 1 is a loss_mask token.
+
+    Returns:
+      (targets, valid): [batch, seq - 1] int32 and [batch, seq - 1] bool.
+    """
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    valid = batch["loss_mask"][:, 1:].astype(bool) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+    return tokens[:, 1:], valid
+
+
+def ar_loss(
+    apply_fn: ApplyFn, params: Any, batch: Mapping[str, jnp.ndarray]
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """The autoregressive baseline: causal mask, next-token CE within each segment.
+
+    Args:
+      apply_fn: the model function (see the module docstring).
+      params: the model parameters.
+      batch: the shared batch dict ([batch, L] arrays).
+
+    Returns:
+      (loss, metrics): loss is the mean CE over valid targets (see
+      `ar_targets`); metrics: loss, ce (= loss), accuracy, num_targets,
+      weighted_ce_sum, normalizer, aux_loss.
+    """
+    _check_batch(batch, "ar_loss")
+    seq = batch["tokens"].shape[1]
+    if seq < 2:
+        raise ValueError(f"ar_loss: sequence length must be at least 2, got {seq}")
+    out = apply_fn(
+        params, batch["tokens"], batch["positions"],
+        mask=MaskSpec("causal"), segment_ids=batch["segment_ids"], logits_slice=(0, seq - 1),
+    )
+    targets, valid = ar_targets(batch)
+    ce, correct = token_cross_entropy(out.logits, targets)
+    num_targets = valid.sum(dtype=jnp.int32)
+    ce_sum = jnp.sum(jnp.where(valid, ce, 0.0))
+    loss = _safe_div(ce_sum, num_targets)
+    metrics = {
+        "loss": loss,
+        "ce": loss,
+        "accuracy": _safe_div(jnp.sum(valid & correct, dtype=jnp.int32), num_targets),
+        "num_targets": num_targets,
+        "weighted_ce_sum": ce_sum,
+        "normalizer": num_targets,
+        "aux_loss": jnp.asarray(out.aux_loss, jnp.float32),
+    }
+    return loss, metrics
