@@ -1,0 +1,221 @@
+"""The run configuration: one `ml_collections.ConfigDict` per training run.
+
+`base_config()` holds every field with its default; the files under
+`configs/` start from it and set what their run needs (big_vision style:
+`get_config(arg)` in each file, overridable on the command line with
+`--config.section.field=value`). Sections:
+
+- model: the architecture (a preset name, or a Hugging Face config.json; the
+  `train.init_from` checkpoint's own config when that is set), architecture
+  `overrides`, and the runtime fields that do not change the weights.
+- objective: "sdar" (block diffusion, spec §2) or "ar" (next-token baseline).
+- data: sources, tokenizer, packing length, global batch, seed.
+- optimizer: AdamW, warmup + cosine decay to a floor, clipping, accumulation.
+- train: steps, intervals, checkpointing, workdir, init_from, seed.
+- mesh: device mesh axis sizes and logical axis rules (`sdar_jax.parallel`).
+
+Unset optional fields are `None` (typed placeholders, so command-line
+overrides still parse to the right type).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from sdar_jax import config as model_config_lib
+from sdar_jax.config import ModelConfig
+
+OBJECTIVES = ("sdar", "ar")
+NORMALIZATIONS = ("non_prompt", "masked")
+
+
+class RunConfigError(ValueError):
+    """A field of the run configuration is missing or inconsistent."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every run-config field with its default value."""
+    config = ml_collections.ConfigDict()
+
+    config.model = ml_collections.ConfigDict(dict(
+        # Exactly one of preset / hf_config, unless train.init_from is set
+        # (then the checkpoint's config.json is the architecture).
+        preset=placeholder(str),
+        hf_config=placeholder(str),
+        # Architecture fields replaced on top (e.g. vocab_size for a tokenizer).
+        overrides=ml_collections.ConfigDict(),
+        # Runtime: compute dtype, master-weight dtype, remat, attention kernel.
+        dtype="float32",
+        param_dtype="float32",
+        remat_policy="none",
+        attention_impl="xla",
+    ))
+
+    config.objective = ml_collections.ConfigDict(dict(
+        kind="sdar",
+        block_size=placeholder(int),  # None: the model config's block_size.
+        normalization="non_prompt",  # or "masked" (how the released models were trained).
+        aux_loss_coef=placeholder(float),  # None: the model's router_aux_loss_coef.
+        eps=1e-3,
+        max_tries=10,
+    ))
+
+    config.data = ml_collections.ConfigDict(dict(
+        train_path=placeholder(str),
+        eval_path=placeholder(str),
+        tokenizer_dir=placeholder(str),
+        seq_len=2048,
+        global_batch_size=256,
+        seed=0,
+        worker_count=0,
+    ))
+
+    config.optimizer = ml_collections.ConfigDict(dict(
+        peak_lr=1e-5,
+        # The cosine decays to peak_lr * end_lr_ratio.
+        end_lr_ratio=0.1,
+        warmup_steps=100,
+        decay_steps=placeholder(int),  # None: train.steps.
+        weight_decay=0.1,
+        decay_embeddings=True,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        clip_norm=1.0,
+        grad_accum_steps=1,
+    ))
+
+    config.train = ml_collections.ConfigDict(dict(
+        steps=1000,
+        log_every=10,
+        eval_every=500,
+        eval_batches=8,
+        checkpoint_every=500,
+        keep=3,
+        async_checkpointing=True,
+        workdir=placeholder(str),
+        init_from=placeholder(str),  # a params checkpoint dir (hf-to-jax output).
+        seed=0,
+        export=True,
+        progress_bar=True,
+    ))
+
+    config.mesh = ml_collections.ConfigDict(dict(
+        # Axis sizes; -1 takes the devices left over (sdar_jax.parallel).
+        data=-1,
+        fsdp=1,
+        tensor=1,
+        expert=1,
+        # (logical axis name, mesh axis or axes or None) pairs; None: the defaults.
+        logical_rules=placeholder(tuple),
+    ))
+    return config
+
+
+def require(config: ml_collections.ConfigDict, dotted: str, why: str) -> Any:
+    """The value of a field that must be set, else a RunConfigError saying how to set it."""
+    value: Any = config
+    for part in dotted.split("."):
+        value = value[part]
+    if value is None or value == "":
+        raise RunConfigError(f"config field {dotted} is required ({why}); set --config.{dotted}=...")
+    return value
+
+
+def _runtime_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    m = config.model
+    return dict(
+        dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy,
+        attention_impl=m.attention_impl,
+    )
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The ModelConfig of a run: architecture from init_from / hf_config / preset,
+    then `model.overrides`, then the runtime fields."""
+    m = config.model
+    init_from = config.train.init_from
+    sources = [name for name in ("preset", "hf_config") if m[name]]
+    if init_from:
+        if sources:
+            raise RunConfigError(
+                f"train.init_from={init_from!r} supplies the architecture; unset model.{sources[0]}"
+            )
+        arch = model_config_lib.load_hf_config(init_from)
+    elif len(sources) != 1:
+        raise RunConfigError(
+            "exactly one of model.preset and model.hf_config must be set when train.init_from "
+            f"is not (got preset={m.preset!r}, hf_config={m.hf_config!r})"
+        )
+    elif m.preset:
+        arch = model_config_lib.get_preset(m.preset)
+    else:
+        arch = model_config_lib.load_hf_config(m.hf_config)
+    changes = dict(m.overrides.to_dict())
+    unknown = sorted(set(changes) - set(ModelConfig.__dataclass_fields__))
+    if unknown:
+        raise RunConfigError(f"model.overrides names unknown ModelConfig fields {unknown}")
+    changes.update(_runtime_fields(config))
+    return arch.replace(**changes)
+
+
+def validate(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
+    """Raises RunConfigError on inconsistent fields (checked before any compute)."""
+    obj, opt, train, data = config.objective, config.optimizer, config.train, config.data
+    if obj.kind not in OBJECTIVES:
+        raise RunConfigError(f"objective.kind is {obj.kind!r}; expected one of {OBJECTIVES}")
+    if obj.normalization not in NORMALIZATIONS:
+        raise RunConfigError(
+            f"objective.normalization is {obj.normalization!r}; expected one of {NORMALIZATIONS}"
+        )
+    if obj.kind == "sdar":
+        block = block_size(config, model)
+        if model.mask_token_id is None:
+            raise RunConfigError(
+                "objective.kind='sdar' needs a mask token: set model.overrides.mask_token_id"
+            )
+        if data.seq_len % block:
+            raise RunConfigError(
+                f"data.seq_len ({data.seq_len}) must be a multiple of the block size ({block})"
+            )
+    for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep"):
+        if train[name] < 1:
+            raise RunConfigError(f"train.{name} must be >= 1, got {train[name]}")
+    if opt.grad_accum_steps < 1:
+        raise RunConfigError(f"optimizer.grad_accum_steps must be >= 1, got {opt.grad_accum_steps}")
+    if data.global_batch_size % opt.grad_accum_steps:
+        raise RunConfigError(
+            f"data.global_batch_size ({data.global_batch_size}) must be divisible by "
+            f"optimizer.grad_accum_steps ({opt.grad_accum_steps})"
+        )
+    if not 0.0 <= opt.end_lr_ratio <= 1.0:
+        raise RunConfigError(f"optimizer.end_lr_ratio must lie in [0, 1], got {opt.end_lr_ratio}")
+    if opt.warmup_steps < 0:
+        raise RunConfigError(f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
+
+
+def block_size(config: ml_collections.ConfigDict, model: ModelConfig) -> int:
+    """objective.block_size, else the model's block_size."""
+    block = config.objective.block_size or model.block_size
+    if not block or block < 1:
+        raise RunConfigError(
+            "objective.block_size is unset and the model config has no block_size; set "
+            "--config.objective.block_size=4"
+        )
+    return int(block)
+
+
+def aux_loss_coef(config: ml_collections.ConfigDict, model: ModelConfig) -> float:
+    """objective.aux_loss_coef, else the model's router_aux_loss_coef (0 for dense models)."""
+    if not model.is_moe:
+        return 0.0
+    coef = config.objective.aux_loss_coef
+    return float(model.router_aux_loss_coef if coef is None else coef)
+
+
+def workdir(config: ml_collections.ConfigDict) -> str:
+    return os.path.abspath(require(config, "train.workdir", "where checkpoints and logs go"))
