@@ -281,3 +281,14 @@ def test_save_and_load_trained_params(tmp_path):
     assert loaded_config.block_size == config.block_size
     assert loaded_config.mask_token_id == config.mask_token_id
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_rules_name_every_tensor_of_a_released_sdar_checkpoint():
+    index = "/work/shared/reference/configs/SDAR-4B-Chat.safetensors.index.json"
+    if not os.path.isfile(index):
+        pytest.skip(f"reference index not found at {index}")
+    with open(index) as f:
+        released = set(json.load(f)["weight_map"])
+    config = get_preset("sdar-4b")
+    expected = {name for rule in convert.tensor_rules(config) for name, _ in rule.instances(config)}
+    assert released == expected
