@@ -1,8 +1,8 @@
 """sdar_jax logits == transformers logits on converted tiny Qwen3 checkpoints.
 
 The checkpoint goes through the command-line code path (`hf-to-jax`), and
-back (`jax-to-hf`). Custom masks are built here in numpy, independently of
-sdar_jax.ops.masks, and given to transformers as 4-D float additive masks.
+back (`jax-to-hf`). Custom masks are built in numpy from the spec
+(tests/helpers/parity.py) and given to transformers as 4-D float additive masks.
 """
 
 from __future__ import annotations
@@ -10,50 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from launch import convert_checkpoint
 from sdar_jax import convert
-from sdar_jax.model import transformer
-from sdar_jax.ops.masks import MaskSpec
 from tests.helpers import hf_models
+from tests.helpers.parity import (
+    convert_with_cli, export_with_cli, packed_layout, reference_mask, sdar_logits,
+)
 
 ATOL = 1e-4
 BLOCK = 4
-
-
-def reference_mask(kind: str, positions: np.ndarray, segments: np.ndarray) -> np.ndarray:
-    """[batch, seq, seq] bool, written from the spec (SDAR.md §1) in numpy."""
-    qp, kp = positions[:, :, None], positions[:, None, :]
-    same = segments[:, :, None] == segments[:, None, :]
-    if kind == "causal":
-        return same & (kp <= qp)
-    if kind == "block_causal":
-        return same & (kp // BLOCK <= qp // BLOCK)
-    assert kind == "block_diffusion"
-    half = positions.shape[1] // 2
-    noisy = np.arange(positions.shape[1]) < half
-    qn, kn = noisy[None, :, None], noisy[None, None, :]
-    qb, kb = qp // BLOCK, kp // BLOCK
-    allowed = np.where(qn, np.where(kn, kb == qb, kb < qb), ~kn & (kb <= qb))
-    return same & allowed
-
-
-def packed_layout(lengths: list[int], rng: np.random.Generator, vocab: int):
-    """One row of packed examples: tokens, positions restarting per example,
-    segment ids 1, 2, ... (trailing row padding gets segment 0)."""
-    positions = np.concatenate([np.arange(n) for n in lengths])
-    segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])
-    tokens = rng.integers(0, vocab, size=positions.shape)
-    return tokens, positions, segments
-
-
-def sdar_logits(config, params, tokens, positions, kind, segments=None) -> np.ndarray:
-    mask = MaskSpec(kind, BLOCK)
-    seg = None if segments is None else np.asarray(segments, np.int32)
-    out = transformer.apply(
-        config, params, np.asarray(tokens, np.int32), np.asarray(positions, np.int32),
-        mask=mask, segment_ids=seg,
-    )
-    return np.asarray(out.logits)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
@@ -63,9 +27,8 @@ def converted(request, tmp_path_factory):
     hf_dir, model = hf_models.make_checkpoint(
         tmp / "hf", "qwen3", tie_word_embeddings=request.param, seed=3, rope_theta=1e6
     )
-    assert convert_checkpoint.main(["hf-to-jax", "--hf", hf_dir, "--out", str(tmp / "ckpt")]) == 0
-    config, params = convert.load_params_checkpoint(tmp / "ckpt")
-    assert config.tie_word_embeddings == request.param
+    config, params = convert_with_cli(hf_dir, tmp / "ckpt")
+    assert config.tie_word_embeddings == request.param and config.qk_norm
     assert ("lm_head" in params) != request.param
     return model, config, params, tmp / "ckpt"
 
@@ -86,9 +49,9 @@ def test_block_causal_logits_match_explicit_mask(converted):
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, config.vocab_size, size=(2, 16))
     positions = np.broadcast_to(np.arange(16), tokens.shape)
-    allowed = reference_mask("block_causal", positions, np.ones_like(positions))
+    allowed = reference_mask("block_causal", positions, np.ones_like(positions), BLOCK)
     ref = hf_models.hf_logits(model, tokens, positions, allowed)
-    got = sdar_logits(config, params, tokens, positions, "block_causal")
+    got = sdar_logits(config, params, tokens, positions, "block_causal", BLOCK)
     np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
     # The mask matters: the plain causal result differs inside blocks.
     causal = hf_models.hf_logits(model, tokens)
@@ -104,9 +67,9 @@ def test_block_diffusion_logits_match(converted):
     tokens = np.concatenate([noisy, clean])[None]
     positions = np.concatenate([positions, positions])[None]
     segments = np.concatenate([segments, segments])[None]
-    allowed = reference_mask("block_diffusion", positions, segments)
+    allowed = reference_mask("block_diffusion", positions, segments, BLOCK)
     ref = hf_models.hf_logits(model, tokens, positions, allowed)
-    got = sdar_logits(config, params, tokens, positions, "block_diffusion", segments)
+    got = sdar_logits(config, params, tokens, positions, "block_diffusion", BLOCK, segments)
     np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
 
 
@@ -117,9 +80,9 @@ def test_packed_causal_segments_match(converted):
     tokens, positions, segments = packed_layout([5, 7, 2], rng, config.vocab_size)
     segments[-2:] = 0  # the last "example" is row padding
     tokens, positions, segments = tokens[None], positions[None], segments[None]
-    allowed = reference_mask("causal", positions, segments)
+    allowed = reference_mask("causal", positions, segments, BLOCK)
     ref = hf_models.hf_logits(model, tokens, positions, allowed)
-    got = sdar_logits(config, params, tokens, positions, "causal", segments)
+    got = sdar_logits(config, params, tokens, positions, "causal", segments=segments)
     np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
     # Each example alone gives the same logits as inside the pack.
     alone = hf_models.hf_logits(model, tokens[:, 5:12])
@@ -129,8 +92,7 @@ def test_packed_causal_segments_match(converted):
 def test_export_back_reproduces_transformers(converted, tmp_path):
     model, config, _, ckpt = converted
     out = tmp_path / "exported"
-    argv = ["jax-to-hf", "--ckpt", str(ckpt), "--out", str(out), "--max-shard-size", "60KB"]
-    assert convert_checkpoint.main(argv) == 0
+    export_with_cli(ckpt, out, "--max-shard-size", "60KB")
     assert (out / convert.SAFETENSORS_INDEX).is_file()  # small shards force an index
     reloaded = hf_models.load_model(out)
     original = model.state_dict()
