@@ -1,0 +1,290 @@
+"""Mesh construction, logical-axis rules and sharded-equals-unsharded training maths.
+
+Runs on the 8 fake CPU devices that tests/conftest.py sets up.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from sdar_jax import parallel
+from sdar_jax.config import get_preset
+from sdar_jax.model import transformer
+from sdar_jax.ops.masks import MaskSpec
+from sdar_jax.parallel import ParallelConfig, ParallelConfigError
+
+FS = "fsdp"
+TP = "tensor"
+EP = "expert"
+
+# Expected PartitionSpecs of the "tiny" model (vocab 512, hidden 64, 4 heads,
+# 2 kv heads, head_dim 16, mlp 128), written out by hand from the default rules.
+DENSE_DP2_FSDP2_TP2 = {
+    "embed_tokens/embedding": P(TP, FS),
+    "layers/input_layernorm/scale": P(None, FS),
+    "layers/post_attention_layernorm/scale": P(None, FS),
+    "layers/self_attn/q_proj/kernel": P(None, FS, TP, None),
+    "layers/self_attn/k_proj/kernel": P(None, FS, TP, None),
+    "layers/self_attn/v_proj/kernel": P(None, FS, TP, None),
+    "layers/self_attn/o_proj/kernel": P(None, TP, None, FS),
+    "layers/self_attn/q_norm/scale": P(None, None),
+    "layers/self_attn/k_norm/scale": P(None, None),
+    "layers/mlp/gate_proj/kernel": P(None, FS, TP),
+    "layers/mlp/up_proj/kernel": P(None, FS, TP),
+    "layers/mlp/down_proj/kernel": P(None, TP, FS),
+    "norm/scale": P(FS),
+    "lm_head/kernel": P(FS, TP),
+}
+DENSE_FSDP8 = {
+    "embed_tokens/embedding": P(None, FS),
+    "layers/input_layernorm/scale": P(None, FS),
+    "layers/post_attention_layernorm/scale": P(None, FS),
+    "layers/self_attn/q_proj/kernel": P(None, FS, None, None),
+    "layers/self_attn/k_proj/kernel": P(None, FS, None, None),
+    "layers/self_attn/v_proj/kernel": P(None, FS, None, None),
+    "layers/self_attn/o_proj/kernel": P(None, None, None, FS),
+    "layers/self_attn/q_norm/scale": P(None, None),
+    "layers/self_attn/k_norm/scale": P(None, None),
+    "layers/mlp/gate_proj/kernel": P(None, FS, None),
+    "layers/mlp/up_proj/kernel": P(None, FS, None),
+    "layers/mlp/down_proj/kernel": P(None, None, FS),
+    "norm/scale": P(FS),
+    "lm_head/kernel": P(FS, None),
+}
+DENSE_DATA8 = {name: P(*(None,) * len(spec)) for name, spec in DENSE_FSDP8.items()}
+# "tiny-moe" (8 experts, moe mlp 32, no q/k-norm difference) on fsdp 2 x tensor 2 x expert 2:
+# `embed` takes (fsdp, expert) except where `expert` already shards the expert dimension.
+MOE_FSDP2_TP2_EP2 = {
+    "embed_tokens/embedding": P(TP, (FS, EP)),
+    "layers/input_layernorm/scale": P(None, (FS, EP)),
+    "layers/post_attention_layernorm/scale": P(None, (FS, EP)),
+    "layers/self_attn/q_proj/kernel": P(None, (FS, EP), TP, None),
+    "layers/self_attn/k_proj/kernel": P(None, (FS, EP), TP, None),
+    "layers/self_attn/v_proj/kernel": P(None, (FS, EP), TP, None),
+    "layers/self_attn/o_proj/kernel": P(None, TP, None, (FS, EP)),
+    "layers/self_attn/q_norm/scale": P(None, None),
+    "layers/self_attn/k_norm/scale": P(None, None),
+    "layers/mlp/router/kernel": P(None, (FS, EP), None),
+    "layers/mlp/gate_proj/kernel": P(None, EP, FS, TP),
+    "layers/mlp/up_proj/kernel": P(None, EP, FS, TP),
+    "layers/mlp/down_proj/kernel": P(None, EP, TP, FS),
+    "norm/scale": P((FS, EP)),
+    "lm_head/kernel": P((FS, EP), TP),
+}
+
+CASES = [
+    pytest.param("tiny", ParallelConfig(data=8), DENSE_DATA8, id="data8"),
+    pytest.param("tiny", ParallelConfig(data=1, fsdp=8), DENSE_FSDP8, id="fsdp8"),
+    pytest.param("tiny", ParallelConfig(data=2, fsdp=2, tensor=2), DENSE_DP2_FSDP2_TP2, id="dp2-fsdp2-tp2"),
+    pytest.param("tiny-moe", ParallelConfig(data=1, fsdp=2, tensor=2, expert=2), MOE_FSDP2_TP2_EP2, id="moe-fsdp2-tp2-ep2"),
+]
+
+
+def _by_name(tree) -> dict:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, P))[0]
+    return {"/".join(k.key for k in path): leaf for path, leaf in flat}
+
+
+def _batch(config, batch: int = 8, seq: int = 16) -> dict[str, np.ndarray]:
+    """Two packed examples per row, the last two positions row padding."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, config.vocab_size, (batch, seq), dtype=np.int32)
+    half = seq // 2
+    segment_ids = np.concatenate(
+        [np.ones((batch, half), np.int32), np.full((batch, half), 2, np.int32)], axis=1
+    )
+    segment_ids[:, -2:] = 0
+    positions = np.tile(np.concatenate([np.arange(half), np.arange(half)]).astype(np.int32), (batch, 1))
+    loss_mask = segment_ids > 0
+    return dict(tokens=tokens, positions=positions, segment_ids=segment_ids, loss_mask=loss_mask)
+
+
+def _loss(config, params, batch):
+    """Masked next-token cross entropy under the block-causal mask, plus the MoE aux loss."""
+    out = transformer.apply(
+        config, params, batch["tokens"], batch["positions"],
+        mask=MaskSpec("block_causal", 4), segment_ids=batch["segment_ids"],
+    )
+    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1], batch["tokens"][:, 1:])
+    weights = (batch["loss_mask"][:, 1:] & (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]))
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(ce * weights) / jnp.sum(weights) + 0.01 * out.aux_loss
+
+
+# ---------------------------------------------------------------------------
+# Mesh and config
+
+
+def test_mesh_resolves_minus_one_and_uses_auto_axes():
+    mesh = parallel.make_mesh(ParallelConfig(data=-1, tensor=2))
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2, "expert": 1}
+    assert mesh.axis_names == parallel.MESH_AXES
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(data=3, fsdp=1), "has 3 devices but 8 are available"),
+        (dict(data=-1, fsdp=3), "do not divide|does not divide"),
+    ],
+)
+def test_mesh_rejects_wrong_device_count(kwargs, message):
+    with pytest.raises(ParallelConfigError, match=message):
+        parallel.make_mesh(ParallelConfig(**kwargs))
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ParallelConfigError, match="at most one mesh axis may be -1"):
+        ParallelConfig(data=-1, fsdp=-1)
+    with pytest.raises(ParallelConfigError, match="ParallelConfig.tensor"):
+        ParallelConfig(tensor=0)
+    with pytest.raises(ParallelConfigError, match="mesh axis 'model'"):
+        ParallelConfig(logical_rules=(("embed", "model"),))
+    with pytest.raises(ParallelConfigError, match="'embed' has two rules"):
+        ParallelConfig(logical_rules=(("embed", "fsdp"), ("embed", None)))
+    with pytest.raises(ParallelConfigError, match="unknown fields \\['pipeline'\\]"):
+        ParallelConfig.from_mapping({"data": 2, "pipeline": 2})
+
+
+def test_from_mapping_reads_the_run_config_mesh_section():
+    rules = [["batch", ["data", "fsdp"]], ["embed", "fsdp"]]
+    config = ParallelConfig.from_mapping(dict(data=2, fsdp=4, tensor=1, expert=1, logical_rules=rules))
+    assert config.rules == {"batch": ("data", "fsdp"), "embed": "fsdp"}
+    default = ParallelConfig.from_mapping(dict(data=-1, fsdp=1, tensor=1, expert=1, logical_rules=None))
+    assert default.logical_rules == parallel.DEFAULT_LOGICAL_AXIS_RULES
+
+
+def test_unknown_logical_name_is_an_error():
+    rules = dict(parallel.DEFAULT_LOGICAL_AXIS_RULES)
+    del rules["mlp"]
+    pconfig = ParallelConfig(logical_rules=tuple(rules.items()))
+    mesh = parallel.make_mesh(pconfig)
+    with pytest.raises(ParallelConfigError, match="param layers/mlp/down_proj/kernel: logical axis 'mlp' has no rule"):
+        parallel.param_specs(get_preset("tiny"), pconfig, mesh)
+
+
+# ---------------------------------------------------------------------------
+# Rules -> PartitionSpecs
+
+
+@pytest.mark.parametrize("preset, pconfig, expected", CASES)
+def test_param_specs_follow_the_rules(preset, pconfig, expected):
+    mesh = parallel.make_mesh(pconfig)
+    specs = _by_name(parallel.param_specs(get_preset(preset), pconfig, mesh))
+    assert specs == expected
+
+
+def test_indivisible_dimension_falls_back_to_replication(caplog):
+    # tensor 8: heads (4) and kv_heads (2) do not divide; vocab 512 and mlp 128 do.
+    pconfig = ParallelConfig(data=1, tensor=8)
+    mesh = parallel.make_mesh(pconfig)
+    with caplog.at_level(logging.WARNING, logger="sdar_jax.parallel"):
+        specs = _by_name(parallel.param_specs(get_preset("tiny"), pconfig, mesh))
+    assert specs["layers/self_attn/q_proj/kernel"] == P(None, None, None, None)
+    assert specs["layers/self_attn/k_proj/kernel"] == P(None, None, None, None)
+    assert specs["layers/mlp/up_proj/kernel"] == P(None, None, TP)
+    assert specs["lm_head/kernel"] == P(None, TP)
+    assert "layers/self_attn/q_proj/kernel: dimension 'heads' of size 4" in caplog.text
+
+
+def test_partial_fallback_keeps_the_dividing_prefix():
+    # batch 4 over (data 2, fsdp 4): only `data` divides; strict raises.
+    mesh_shape = {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
+    rules = dict(parallel.DEFAULT_LOGICAL_AXIS_RULES)
+    spec = parallel.logical_to_mesh_spec(("batch", None), (4, 3), rules, mesh_shape)
+    assert spec == P("data", None)
+    with pytest.raises(ParallelConfigError, match="dimension 'batch' of size 4 is not divisible"):
+        parallel.logical_to_mesh_spec(("batch", None), (4, 3), rules, mesh_shape, strict=True)
+
+
+def test_batch_shardings_require_divisible_batch():
+    pconfig = ParallelConfig(data=8)
+    mesh = parallel.make_mesh(pconfig)
+    batch = _batch(get_preset("tiny"), batch=8)
+    shardings = parallel.batch_shardings(batch, pconfig, mesh)
+    assert {s.spec for s in shardings.values()} == {P("data", None)}
+    with pytest.raises(ParallelConfigError, match="batch loss_mask: dimension 'batch' of size 4 is not divisible by mesh axes \\('data',\\)"):
+        parallel.batch_shardings(_batch(get_preset("tiny"), batch=4), pconfig, mesh)
+
+
+def test_cache_shardings():
+    config = get_preset("tiny")
+    pconfig = ParallelConfig(data=2, fsdp=2, tensor=2)
+    mesh = parallel.make_mesh(pconfig)
+    cache = jax.eval_shape(lambda: transformer.init_cache(config, 4, 32))
+    shardings = parallel.cache_shardings(cache, pconfig, mesh)
+    assert shardings.k.spec == P(None, ("data", "fsdp"), None, TP, None)
+    one_row = jax.eval_shape(lambda: transformer.init_cache(config, 1, 32))
+    assert parallel.cache_shardings(one_row, pconfig, mesh).v.spec == P(None, None, None, TP, None)
+
+
+def test_state_shardings_cover_optimizer_moments():
+    config = get_preset("tiny")
+    pconfig = ParallelConfig(data=2, fsdp=2, tensor=2)
+    mesh = parallel.make_mesh(pconfig)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    params = parallel.param_shapes(config)
+    state = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params)
+    shardings = parallel.state_shardings(state, config, pconfig, mesh)
+    adam = shardings["opt_state"][1][0]
+    expected = DENSE_DP2_FSDP2_TP2
+    assert _by_name(jax.tree.map(lambda s: s.spec, shardings["params"])) == expected
+    assert _by_name(jax.tree.map(lambda s: s.spec, adam.mu)) == expected
+    assert _by_name(jax.tree.map(lambda s: s.spec, adam.nu)) == expected
+    assert adam.count.spec == P()
+    assert shardings["step"].spec == P()
+
+
+def test_process_batch_slice_single_process_owns_all_rows():
+    pconfig = ParallelConfig(data=8)
+    mesh = parallel.make_mesh(pconfig)
+    sharding = jax.sharding.NamedSharding(mesh, P("data"))
+    assert parallel.process_batch_slice(sharding, 16) == slice(0, 16)
+    local = {"tokens": np.arange(32, dtype=np.int32).reshape(16, 2)}
+    arrays = parallel.shard_batch(local, {"tokens": sharding}, 16)
+    np.testing.assert_array_equal(np.asarray(arrays["tokens"]), local["tokens"])
+    assert arrays["tokens"].sharding == sharding
+
+
+# ---------------------------------------------------------------------------
+# Sharded equals unsharded
+
+
+@pytest.fixture(scope="module")
+def references():
+    """Loss and gradients of each model on one device (no mesh)."""
+    out = {}
+    for preset in ("tiny", "tiny-moe"):
+        config = get_preset(preset)
+        params = transformer.init_params(config, jax.random.key(1))
+        batch = _batch(config)
+        loss, grads = jax.jit(jax.value_and_grad(lambda p, b: _loss(config, p, b)))(params, batch)
+        out[preset] = (params, batch, loss, grads)
+    return out
+
+
+@pytest.mark.parametrize("preset, pconfig, expected", CASES)
+def test_sharded_loss_and_grads_equal_single_device(references, preset, pconfig, expected):
+    config = get_preset(preset)
+    params, batch, ref_loss, ref_grads = references[preset]
+    mesh = parallel.make_mesh(pconfig)
+    p_sh = parallel.param_shardings(config, pconfig, mesh)
+    b_sh = parallel.batch_shardings(batch, pconfig, mesh)
+    step = jax.jit(
+        jax.value_and_grad(lambda p, b: _loss(config, p, b)),
+        in_shardings=(p_sh, b_sh), out_shardings=(parallel.replicated(mesh), p_sh),
+    )
+    with jax.set_mesh(mesh):
+        loss, grads = step(jax.device_put(params, p_sh), jax.device_put(batch, b_sh))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for (path, g), ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    assert _by_name(jax.tree.map(lambda g: g.sharding.spec, grads)) == expected
