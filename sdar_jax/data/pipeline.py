@@ -67,10 +67,14 @@ class DataConfig:
       long_examples: "raise" (default) or "split" for examples longer than seq_len.
       append_eos: end every `text` record with `<|endoftext|>`.
       shuffle: shuffle the training records (per epoch) and packed rows.
-      num_epochs: training epochs over the records; None repeats forever.
+      num_epochs: training epochs over the records; None (the default, and the
+        right choice with several processes, whose packed streams differ in
+        length) repeats forever and the trainer's step count ends the run.
       packing_bins: rows the first-fit packer fills at once; None = the
         per-process batch size.
       worker_count: grain worker processes (0: everything in this process).
+        Each worker packs and batches its own slice of the records, so the
+        stream depends on worker_count; resume with the same value.
       read_threads: threads reading and tokenising records.
     """
 
@@ -126,12 +130,22 @@ def _as_ids(values: Any, origin: str, name: str) -> np.ndarray:
 
 
 class RecordToExample(grain.transforms.Map):
-    """A record dict (see `sources`) -> {"tokens": [n] int32, "loss_mask": [n] bool}."""
+    """A record dict (see `sources`) -> {"tokens": [n] int32, "loss_mask": [n] bool}.
+
+    Pickles as its tokenizer's directory (grain workers reload the tokenizer:
+    a compiled chat template does not pickle).
+    """
 
     def __init__(self, tokenizer: Tokenizer, append_eos: bool = True):
         self.tokenizer = tokenizer
         self.append_eos = append_eos
         self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"directory": self.tokenizer.directory, "append_eos": self.append_eos}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(Tokenizer.from_dir(state["directory"]), state["append_eos"])
 
     def _text(self, text: str) -> dict[str, np.ndarray]:
         ids = self.tokenizer.encode(text) + ([self.eos_id] if self.append_eos else [])
@@ -208,11 +222,11 @@ def _per_process_batch(global_batch: int, shard: tuple[int, int] | None) -> int:
     return global_batch // count
 
 
-def _examples_to_batches(
+def _records_to_rows(
     ds: grain.MapDataset, cfg: DataConfig, tokenizer: Tokenizer, *, block_size: int,
     seq_len: int, batch: int, seed: int, shuffle_rows: bool,
 ) -> grain.IterDataset:
-    """Stages 4-6 of the module docstring (without the final batching)."""
+    """Stages 4-6 of the module docstring: records -> packed rows (not yet batched)."""
     ds = ds.map(RecordToExample(tokenizer, cfg.append_eos))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=4 * batch))
@@ -263,8 +277,8 @@ def make_train_iterator(
     if cfg.shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(cfg.num_epochs)
-    rows = _examples_to_batches(ds, cfg, tokenizer, block_size=block_size, seq_len=seq_len,
-                                batch=batch, seed=seed, shuffle_rows=cfg.shuffle)
+    rows = _records_to_rows(ds, cfg, tokenizer, block_size=block_size, seq_len=seq_len,
+                            batch=batch, seed=seed, shuffle_rows=cfg.shuffle)
     return iter(_with_workers(rows.batch(batch, drop_remainder=True), cfg))
 
 
@@ -302,8 +316,8 @@ def make_eval_iterator(
     ds = _shard(ds, shard, drop_remainder=False)
     if num_batches is not None:
         ds = ds.repeat(None, reseed_each_epoch=False)
-    rows = _examples_to_batches(ds, cfg, tokenizer, block_size=block_size, seq_len=seq_len,
-                                batch=batch, seed=0, shuffle_rows=False)
+    rows = _records_to_rows(ds, cfg, tokenizer, block_size=block_size, seq_len=seq_len,
+                            batch=batch, seed=0, shuffle_rows=False)
     batches = rows.batch(batch, drop_remainder=False).map(
         functools.partial(packing.pad_batch, batch_size=batch))
     if num_batches is not None:

@@ -206,3 +206,13 @@ def test_errors(tmp_path, tok):
     run_data = {"train_path": bad, "seq_len": SEQ, "global_batch_size": 2, "seed": 0,
                 "tokenizer_dir": "x", "worker_count": 0}
     assert pipeline.DataConfig.from_config(run_data).train_path == bad
+
+
+def test_example_transform_pickles_for_workers(tok):
+    import pickle
+
+    transform = pipeline.RecordToExample(tok)
+    clone = pickle.loads(pickle.dumps(transform))  # grain workers receive the pipeline pickled
+    record = {"prompt": "p?", "response": "r", "_origin": "x:1"}
+    for key, value in transform.map(record).items():
+        np.testing.assert_array_equal(clone.map(record)[key], value)
