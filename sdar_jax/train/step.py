@@ -1,0 +1,251 @@
+"""The jitted training and evaluation steps.
+
+`train_step(state, batch) -> (state, metrics)` is a pure function: the step's
+PRNG key comes from the state (`state.step_rng`). Gradient accumulation is an
+explicit `lax.scan` over micro-batches inside the step, so one optimizer step
+is one compiled function whatever the accumulation.
+
+Accumulation is exact for the token-normalised objectives: every micro-batch
+returns the un-normalised sum of its weighted token losses and its
+normaliser (number of loss tokens, or of masked tokens), and the step
+divides the summed gradients by the summed normaliser, so the update equals
+the one-shot update on the whole batch (for a fixed noise draw). The MoE
+load-balancing loss enters as `coef * aux_loss` per micro-batch, weighted by
+the micro-batch's share of the normaliser (for one micro-batch: exactly
+`loss + coef * aux_loss`).
+
+`compile_train_step` is the only place the step is jitted: it donates the
+state and takes optional shardings (from `sdar_jax.parallel`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from sdar_jax.config import ModelConfig
+from sdar_jax.diffusion.loss import ar_loss, sdar_loss
+from sdar_jax.model import transformer
+from sdar_jax.train import config as run_config
+from sdar_jax.train.state import TrainState, step_rng
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+# (params, batch, rng) -> (loss, metrics) with metrics holding at least
+# weighted_ce_sum, normalizer, accuracy, aux_loss and num_loss_tokens.
+LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, model: ModelConfig) -> LossFn:
+    """The objective of the run (`objective.kind`) as `(params, batch, rng) -> (loss, metrics)`."""
+    obj = config.objective
+    apply_fn = functools.partial(transformer.apply, model)
+    if obj.kind == "sdar":
+        block = run_config.block_size(config, model)
+
+        def loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
+            return sdar_loss(
+                apply_fn, params, batch, rng, block_size=block, mask_token_id=model.mask_token_id,
+                normalization=obj.normalization, eps=obj.eps, max_tries=obj.max_tries,
+            )
+
+        return loss_fn
+    if obj.kind == "ar":
+
+        def ar_loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
+            del rng  # the AR objective is deterministic
+            loss, metrics = ar_loss(apply_fn, params, batch)
+            return loss, {**metrics, "num_loss_tokens": metrics["num_targets"]}
+
+        return ar_loss_fn
+    raise run_config.RunConfigError(
+        f"objective.kind is {obj.kind!r}; expected one of {run_config.OBJECTIVES}"
+    )
+
+
+def _num_predicted(metrics: Metrics) -> jax.Array:
+    """The tokens `accuracy` is measured over (masked tokens, or AR targets)."""
+    return metrics["num_masked"] if "num_masked" in metrics else metrics["num_targets"]
+
+
+def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
+    """[global_batch, ...] -> [num_micro, global_batch / num_micro, ...] for every array."""
+
+    def split(x: jax.Array) -> jax.Array:
+        if x.shape[0] % num_micro:
+            raise ValueError(
+                f"batch size {x.shape[0]} is not divisible by grad_accum_steps {num_micro}"
+            )
+        return x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:])
+
+    return {k: split(jnp.asarray(v)) for k, v in batch.items()}
+
+
+def _sums(metrics: Metrics) -> dict[str, jax.Array]:
+    """The additive statistics of one micro-batch (float32 scalars)."""
+    normalizer = metrics["normalizer"].astype(jnp.float32)
+    num_predicted = _num_predicted(metrics).astype(jnp.float32)
+    return {
+        "weighted_ce_sum": metrics["weighted_ce_sum"],
+        "normalizer": normalizer,
+        "aux_sum": metrics["aux_loss"] * normalizer,
+        "correct": metrics["accuracy"] * num_predicted,
+        "num_predicted": num_predicted,
+        "num_loss_tokens": metrics["num_loss_tokens"].astype(jnp.float32),
+    }
+
+
+def _finish(sums: dict[str, jax.Array], aux_coef: float) -> Metrics:
+    normalizer = jnp.maximum(sums["normalizer"], 1.0)
+    aux = sums["aux_sum"] / normalizer
+    return {
+        "loss": sums["weighted_ce_sum"] / normalizer + aux_coef * aux,
+        "aux_loss": aux,
+        "accuracy": sums["correct"] / jnp.maximum(sums["num_predicted"], 1.0),
+        "num_loss_tokens": sums["num_loss_tokens"],
+    }
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum_steps: int,
+    aux_coef: float,
+) -> tuple[TrainState, Metrics]:
+    """One optimizer update on a global batch, scanning over micro-batches.
+
+    Args:
+      state: the current TrainState.
+      batch: the shared batch dict, each array [global_batch, seq].
+      loss_fn: the objective (see `make_loss_fn`).
+      tx: the optimizer.
+      schedule: the learning-rate schedule (reported, and the one inside tx).
+      grad_accum_steps: number of micro-batches the global batch is split into.
+      aux_coef: the MoE load-balancing loss coefficient.
+
+    Returns:
+      (new_state, metrics): float32 scalars loss, aux_loss, accuracy (argmax
+      hits over the masked tokens / AR targets), num_loss_tokens, num_tokens
+      (non-padding tokens of the batch), grad_norm
+      (before clipping), learning_rate (of this update).
+    """
+    micro_batches = _split_micro_batches(batch, grad_accum_steps)
+    rngs = jax.random.split(step_rng(state), grad_accum_steps)
+
+    def objective(params: Any, micro: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
+        _, metrics = loss_fn(params, micro, rng)
+        normalizer = jax.lax.stop_gradient(metrics["normalizer"].astype(jnp.float32))
+        return metrics["weighted_ce_sum"] + aux_coef * metrics["aux_loss"] * normalizer, metrics
+
+    grad_fn = jax.grad(objective, has_aux=True)
+
+    def accumulate(carry, xs):
+        grad_sum, sums = carry
+        micro, rng = xs
+        grads, metrics = grad_fn(state.params, micro, rng)
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grad_sum, grads)
+        sums = jax.tree.map(jnp.add, sums, _sums(metrics))
+        return (grad_sum, sums), None
+
+    zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in (
+        "weighted_ce_sum", "normalizer", "aux_sum", "correct", "num_predicted", "num_loss_tokens"
+    )}
+    (grad_sum, sums), _ = jax.lax.scan(
+        accumulate, (zero_grads, zero_sums), (micro_batches, rngs)
+    )
+    normalizer = jnp.maximum(sums["normalizer"], 1.0)
+    grads = jax.tree.map(lambda g, p: (g / normalizer).astype(p.dtype), grad_sum, state.params)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = _finish(sums, aux_coef)
+    metrics["num_tokens"] = jnp.sum(batch["segment_ids"] != 0, dtype=jnp.float32)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(params: Any, batch: Batch, rng: jax.Array, *, loss_fn: LossFn) -> Metrics:
+    """The additive statistics of one held-out batch (combine with `reduce_eval`).
+
+    Args:
+      params: model parameters.
+      batch: the shared batch dict, [batch, seq] arrays.
+      rng: the noise key (fixed per eval batch, so evaluations are comparable).
+    """
+    _, metrics = loss_fn(params, batch, rng)
+    return _sums(metrics)
+
+
+def reduce_eval(sums: list[Mapping[str, Any]], aux_coef: float) -> dict[str, float]:
+    """Combines per-batch `eval_step` statistics into eval loss / accuracy."""
+    if not sums:
+        raise ValueError("reduce_eval: no eval batches")
+    total = {k: sum(float(s[k]) for s in sums) for k in sums[0]}
+    return {k: float(v) for k, v in _finish(total, aux_coef).items() if k != "num_loss_tokens"}
+
+
+def build_train_step(
+    config: ml_collections.ConfigDict,
+    model: ModelConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_fn: LossFn | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """`train_step` with the run's objective and optimizer bound (not jitted)."""
+    return functools.partial(
+        train_step,
+        loss_fn=loss_fn or make_loss_fn(config, model),
+        tx=tx,
+        schedule=schedule,
+        grad_accum_steps=config.optimizer.grad_accum_steps,
+        aux_coef=run_config.aux_loss_coef(config, model),
+    )
+
+
+def compile_train_step(
+    config: ml_collections.ConfigDict,
+    model: ModelConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    loss_fn: LossFn | None = None,
+    state_shardings: Any = None,
+    batch_shardings: Any = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The jitted train step; the input state is donated.
+
+    With `state_shardings` (a TrainState-shaped pytree of shardings) and
+    `batch_shardings`, inputs and the new state are laid out accordingly and
+    the metrics are replicated; without them, jit's defaults apply.
+    """
+    step = build_train_step(config, model, tx, schedule, loss_fn)
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(
+        step,
+        donate_argnums=0,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, None),
+    )
+
+
+def compile_eval_step(
+    config: ml_collections.ConfigDict, model: ModelConfig, loss_fn: LossFn | None = None
+) -> Callable[[Any, Batch, jax.Array], Metrics]:
+    """The jitted eval step `(params, batch, rng) -> sums`."""
+    return jax.jit(functools.partial(
+        eval_step,
+        loss_fn=loss_fn or make_loss_fn(config, model),
+    ))
