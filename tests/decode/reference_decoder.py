@@ -1,0 +1,190 @@
+"""A plain, obviously-correct block-diffusion decoder (spec §3 and §4), for tests.
+
+One sequence at a time, no KV cache: every denoising step recomputes the
+model's full forward over the whole canvas with the block-causal mask (blocks
+after the current one hold masks and are invisible to it). Strategies are
+written here independently of `sdar_jax.decode` with plain loops and sorts;
+only the SAID step-budget split (`said.stage_steps`, tested on its own by
+enumeration) is shared. Greedy decoding only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdar_jax.config import ModelConfig
+from sdar_jax.decode import said
+from sdar_jax.decode.decoder import DecodeConfig
+from sdar_jax.model import transformer
+from sdar_jax.ops.masks import MaskSpec
+
+
+@dataclasses.dataclass
+class ReferenceResult:
+    tokens: list[int]  # generated tokens up to and including the first stop id
+    num_forwards: int  # denoising forwards
+    num_committed: int
+    steps_per_block: list[int]
+
+
+@functools.lru_cache(maxsize=None)
+def _full_forward(config: ModelConfig, block_length: int):
+    @jax.jit
+    def forward(params, tokens):
+        positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)[None]
+        out = transformer.apply(
+            config, params, tokens[None], positions, mask=MaskSpec("block_causal", block_length)
+        )
+        return out.logits[0]
+
+    return forward
+
+
+def _schedule(length: int, steps: int) -> list[int]:
+    return [length // steps + (1 if i < length % steps else 0) for i in range(steps)]
+
+
+def _most_confident(candidates: list[int], confidence: np.ndarray, n: int) -> list[int]:
+    return sorted(candidates, key=lambda i: (-confidence[i], i))[:n]
+
+
+def _stage_of(p: int, num_stages: int) -> int:
+    """Stage by the number of trailing zero bits of p (0 counts as infinitely many)."""
+    if p == 0:
+        return 0
+    trailing = (p & -p).bit_length() - 1
+    return 0 if trailing >= num_stages - 1 else num_stages - 1 - trailing
+
+
+class _Block:
+    """One block being denoised: tokens, which positions are masked, and the model."""
+
+    def __init__(self, forward, params, canvas, start, length, masked):
+        self.forward, self.params, self.canvas = forward, params, canvas
+        self.start, self.length = start, length
+        self.masked = masked  # block-relative positions still masked
+        self.forwards = 0
+        self.committed = 0
+
+    def score(self):
+        """Greedy proposals, their confidences and the entropies, each [B] over the block."""
+        logits = np.asarray(self.forward(self.params, jnp.asarray(self.canvas)), np.float64)
+        b = self.length
+        logits = logits[self.start : self.start + b]
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        tokens = logits.argmax(-1)
+        confidence = probs[np.arange(b), tokens]
+        entropy = -np.sum(np.where(probs > 0, probs * np.log(np.maximum(probs, 1e-300)), 0.0), -1)
+        self.forwards += 1
+        return tokens, confidence, entropy
+
+    def commit(self, positions, tokens):
+        for i in positions:
+            assert i in self.masked, "reference strategy committed an unmasked position"
+            self.canvas[self.start + i] = int(tokens[i])
+            self.masked.remove(i)
+            self.committed += 1
+
+
+def _denoise_plain(block: _Block, dc: DecodeConfig) -> None:
+    b = dc.block_length
+    schedule = _schedule(b, dc.steps)
+    step = 0
+    while block.masked:
+        tokens, confidence, entropy = block.score()
+        n = schedule[step] if step < len(schedule) else b
+        masked = sorted(block.masked)
+        if dc.strategy == "sequential":
+            chosen = masked[:n]
+        elif dc.strategy == "low_confidence_static":
+            chosen = _most_confident(masked, confidence, n)
+        elif dc.strategy == "low_confidence_dynamic":
+            above = [i for i in masked if confidence[i] > dc.threshold]
+            chosen = above if len(above) >= n else _most_confident(masked, confidence, n)
+        elif dc.strategy == "entropy_bounded":
+            chosen, total = [], 0.0
+            for i in sorted(masked, key=lambda i: (entropy[i], i)):
+                if chosen and total + entropy[i] > dc.eb_bound:
+                    break
+                chosen.append(i)
+                total += entropy[i]
+        else:
+            raise ValueError(dc.strategy)
+        block.commit(chosen, tokens)
+        step += 1
+
+
+def _denoise_said(block: _Block, dc: DecodeConfig) -> None:
+    b, k = dc.block_length, dc.said_stages
+    chlg = dc.strategy == "said_chlg"
+    budget = dc.said_steps_per_stage
+    for stage in range(k):
+        members = [p for p in range(b) if _stage_of(p, k) == stage]
+        schedule = _schedule(len(members), budget[stage])
+        use_chlg = chlg and stage == k - 1
+        step = 0
+        while any(p in block.masked for p in members):
+            tokens, confidence, _ = block.score()
+            candidates = sorted(p for p in members if p in block.masked)
+            if use_chlg and step == 0:
+                chosen = [p for p in candidates if confidence[p] >= dc.chlg_threshold]
+                chosen = chosen or _most_confident(candidates, confidence, 1)
+            elif use_chlg:
+                steps_left = max(dc.chlg_extra_steps - (step - 1), 1)
+                n = -(-len(candidates) // steps_left)
+                chosen = _most_confident(candidates, confidence, n)
+            else:
+                n = schedule[step] if step < len(schedule) else len(members)
+                above = []
+                if dc.said_threshold is not None:
+                    above = [p for p in candidates if confidence[p] > dc.said_threshold]
+                chosen = above if len(above) >= n else _most_confident(candidates, confidence, n)
+            block.commit(chosen, tokens)
+            step += 1
+
+
+def reference_generate(
+    params: dict, config: ModelConfig, prompt: list[int], dc: DecodeConfig, canvas_len: int
+) -> ReferenceResult:
+    """Greedy block-diffusion decoding of one prompt.
+
+    Args:
+      params, config: the model.
+      prompt: the prompt's token ids (P >= 1).
+      dc: decoding knobs (mode "diffusion", temperature 0).
+      canvas_len: length of the forward pass (>= the canvas; fixed so the
+        reference compiles once per length).
+    """
+    assert dc.mode == "diffusion" and dc.temperature == 0.0
+    b, g, p = dc.block_length, dc.max_new_tokens, len(prompt)
+    end = -(-(p + g) // b) * b
+    assert end <= canvas_len
+    canvas = np.full(canvas_len, config.mask_token_id, np.int32)
+    canvas[:p] = prompt
+    forward = _full_forward(config, b)
+    forwards = committed = 0
+    steps_per_block = []
+    for start in range((p // b) * b, end, b):
+        block = _Block(forward, params, canvas, start, b, {i for i in range(b) if start + i >= p})
+        if dc.strategy in ("said", "said_chlg"):
+            _denoise_said(block, dc)
+        else:
+            _denoise_plain(block, dc)
+        forwards += block.forwards
+        committed += block.committed
+        steps_per_block.append(block.forwards)
+        generated = [int(canvas[i]) for i in range(max(start, p), min(start + b, p + g))]
+        if any(t in dc.stop_ids for t in generated):
+            break
+    tokens = [int(t) for t in canvas[p : p + g]]
+    for i, t in enumerate(tokens):
+        if t in dc.stop_ids:
+            tokens = tokens[: i + 1]
+            break
+    return ReferenceResult(tokens, forwards, committed, steps_per_block)
