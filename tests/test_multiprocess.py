@@ -1,0 +1,308 @@
+"""Multi-process runs: start-up plans, launch-script dry runs, and a real two-process training run.
+
+The two-process test starts tests/multiprocess_worker.py twice on localhost
+(a local jax.distributed coordinator, gloo CPU collectives, 4 CPU devices
+each), trains three steps on one 8-device mesh, and checks the result against
+the same training in this process on one device; the checkpoint the two
+processes wrote is then restored here onto a different 8-device mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from sdar_jax import distributed, parallel
+from sdar_jax.distributed import DistributedConfig, DistributedConfigError, DistributedPlan
+from sdar_jax.train import config as run_config
+from sdar_jax.train import optimizer
+from sdar_jax.train.state import abstract_train_state, create_train_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER_TIMEOUT_S = 420
+
+# ---------------------------------------------------------------------------
+# Start-up plans (pure: an environment in, a plan out)
+
+
+def plan(env, **config):
+    return distributed.plan_distributed(DistributedConfig(**config), env)
+
+
+@pytest.fixture
+def no_tpu(monkeypatch):
+    monkeypatch.setattr(distributed, "_tpu_vm_present", lambda: False)
+
+
+def test_single_process_is_a_no_op(no_tpu):
+    assert plan({}) is None
+    assert plan({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+    assert distributed.initialize_distributed(DistributedConfig(), env={}) is None
+
+
+def test_explicit_local_coordinator(no_tpu):
+    got = plan({}, coordinator_address="127.0.0.1:1234", num_processes=2, process_id=1)
+    assert got == DistributedPlan("explicit", "127.0.0.1:1234", 2, 1, None)
+    with pytest.raises(DistributedConfigError, match=r"needs \['process_id'\]"):
+        plan({}, coordinator_address="127.0.0.1:1234", num_processes=2)
+    with pytest.raises(DistributedConfigError, match=r"process_id 2 must lie in \[0, num_processes=2\)"):
+        plan({}, coordinator_address="h:1", num_processes=2, process_id=2)
+
+
+def test_environment_variables(no_tpu):
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:9999", "JAX_NUM_PROCESSES": "4",
+           "JAX_PROCESS_ID": "3", "JAX_LOCAL_DEVICE_IDS": "0,1"}
+    assert plan(env) == DistributedPlan("env", "10.0.0.1:9999", 4, 3, (0, 1))
+    with pytest.raises(DistributedConfigError, match=r"missing \['JAX_PROCESS_ID'\]"):
+        plan({k: v for k, v in env.items() if k != "JAX_PROCESS_ID"}, mode="env")
+    with pytest.raises(DistributedConfigError, match="JAX_NUM_PROCESSES='four' is not an integer"):
+        plan({**env, "JAX_NUM_PROCESSES": "four"})
+
+
+SLURM_ONE_PER_NODE = {
+    "SLURM_JOB_ID": "1234", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
+    "SLURM_STEP_NODELIST": "gpu[003-004]", "SLURM_STEP_NUM_NODES": "2",
+}
+
+
+def test_slurm_one_process_per_node_uses_every_gpu(no_tpu):
+    got = plan(SLURM_ONE_PER_NODE)
+    assert got == DistributedPlan("slurm", f"gpu003:{1234 % 4096 + 61440}", 2, 1, None)
+    got = plan({**SLURM_ONE_PER_NODE, "JAX_COORDINATOR_ADDRESS": "head:5000"})
+    assert got.coordinator_address == "head:5000"
+    assert plan({**SLURM_ONE_PER_NODE, "JAX_COORDINATOR_PORT": "7000"}).coordinator_address == "gpu003:7000"
+
+
+def test_slurm_one_process_per_gpu_picks_its_gpu(no_tpu):
+    env = {**SLURM_ONE_PER_NODE, "SLURM_NTASKS": "16", "SLURM_PROCID": "13", "SLURM_LOCALID": "5"}
+    assert plan(env) == DistributedPlan("slurm", f"gpu003:{1234 % 4096 + 61440}", 16, 13, (5,))
+
+
+def test_tpu_vm_uses_jax_auto_detection(monkeypatch):
+    monkeypatch.setattr(distributed, "_tpu_vm_present", lambda: True)
+    assert plan({}) == DistributedPlan("tpu")
+    assert plan({}, mode="off") is None
+
+
+@pytest.mark.parametrize(
+    "nodelist, first",
+    [("node7", "node7"), ("gpu[003-010,015],cpu1", "gpu003"), ("a[1,4]", "a1"), ("x1,x2", "x1")],
+)
+def test_first_slurm_host(nodelist, first):
+    assert distributed.first_slurm_host(nodelist) == first
+
+
+def test_bad_mode_is_named():
+    with pytest.raises(DistributedConfigError, match="mode is 'mpi'"):
+        DistributedConfig(mode="mpi")
+
+
+# ---------------------------------------------------------------------------
+# Launch scripts: the dry run prints exactly what runs, and arguments survive quoting
+
+RECORDER = textwrap.dedent("""\
+    #!{python}
+    import json, os, sys
+    with open(os.environ["RECORD"], "a") as f:
+        f.write(json.dumps({{"argv": sys.argv, "coordinator": os.environ.get("JAX_COORDINATOR_ADDRESS")}}) + "\\n")
+""")
+TRAIN_ARGS = ["--config=configs/tiny.py", "--config.train.workdir=/tmp/run dir/$HOME", "--config.mesh.fsdp=-1"]
+
+
+def _fake_tools(tmp_path, *names):
+    """Executables on PATH that record their argv (and coordinator env) as JSON lines."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in names:
+        path = bin_dir / name
+        path.write_text(RECORDER.format(python=sys.executable))
+        path.chmod(0o755)
+    return bin_dir
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_tpu_pod_dry_run_prints_the_command_it_runs(tmp_path):
+    bin_dir = _fake_tools(tmp_path, "gcloud")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TPU_NAME="my-pod", ZONE="us-central2-b",
+               PROJECT="proj", RECORD=str(tmp_path / "gcloud.jsonl"))
+    script = os.path.join(REPO, "launch", "tpu_pod.sh")
+    dry = subprocess.run([script, "--dry-run", *TRAIN_ARGS], env=env, capture_output=True, text=True, timeout=30)
+    assert dry.returncode == 0, dry.stderr
+    printed = shlex.split(dry.stdout)
+    assert not (tmp_path / "gcloud.jsonl").exists()  # nothing ran
+
+    real = subprocess.run([script, *TRAIN_ARGS], env=env, capture_output=True, text=True, timeout=30)
+    assert real.returncode == 0, real.stderr
+    (record,) = _records(tmp_path / "gcloud.jsonl")
+    assert record["argv"][1:] == printed[1:]
+    assert printed[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
+    assert {"my-pod", "--zone=us-central2-b", "--project=proj", "--worker=all"} <= set(printed)
+
+    # The remote command, run by a shell in a fake checkout, hands train.py its arguments unchanged.
+    (command,) = [a[len("--command="):] for a in printed if a.startswith("--command=")]
+    checkout = tmp_path / "sdar_jax"
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    fake_python = checkout / ".venv" / "bin" / "python"
+    fake_python.write_text(RECORDER.format(python=sys.executable))
+    fake_python.chmod(0o755)
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, env=dict(env, RECORD=str(tmp_path / "worker.jsonl")),
+                   check=True, timeout=30)
+    (worker,) = _records(tmp_path / "worker.jsonl")
+    assert worker["argv"][1:] == ["launch/train.py", *TRAIN_ARGS]
+
+
+def test_tpu_pod_requires_its_variables(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "ZONE")}
+    out = subprocess.run([os.path.join(REPO, "launch", "tpu_pod.sh"), "--dry-run"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "set TPU_NAME" in out.stderr
+
+
+@pytest.mark.parametrize("procs, tasks_per_node", [("node", "1"), ("gpu", "8")])
+def test_slurm_dry_run_prints_the_command_it_runs(tmp_path, procs, tasks_per_node):
+    bin_dir = _fake_tools(tmp_path, "srun")
+    (bin_dir / "scontrol").write_text("#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] && printf 'gpu003\\ngpu004\\n'\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="1234",
+               SLURM_JOB_NODELIST="gpu[003-004]", SLURM_JOB_NUM_NODES="2",
+               SLURM_NTASKS_PER_NODE=tasks_per_node, PROCS=procs, REPO_DIR="/shared/sdar_jax",
+               RECORD=str(tmp_path / "srun.jsonl"))
+    script = os.path.join(REPO, "launch", "slurm_gpu.sbatch")
+    dry = subprocess.run(["bash", script, "--dry-run", *TRAIN_ARGS], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    port = 1234 % 4096 + 61440
+    assert lines[:2] == [f"export JAX_COORDINATOR_ADDRESS=gpu003:{port}", f"export JAX_COORDINATOR_PORT={port}"]
+    printed = shlex.split(lines[-1])
+    assert printed[:3] == ["srun", "--nodes=2", f"--ntasks-per-node={tasks_per_node}"]
+    assert printed[-4:] == ["launch/train.py", *TRAIN_ARGS]
+    assert not (tmp_path / "srun.jsonl").exists()
+
+    real = subprocess.run(["bash", script, *TRAIN_ARGS], env=env, capture_output=True, text=True, timeout=30)
+    assert real.returncode == 0, real.stderr
+    (record,) = _records(tmp_path / "srun.jsonl")
+    assert record["argv"][1:] == printed[1:]
+    assert record["coordinator"] == f"gpu003:{port}"
+
+
+def test_slurm_rejects_a_mismatched_task_layout(tmp_path):
+    env = dict(os.environ, SLURM_JOB_ID="1", SLURM_JOB_NODELIST="n1", SLURM_NTASKS_PER_NODE="8", PROCS="node")
+    out = subprocess.run(["bash", os.path.join(REPO, "launch", "slurm_gpu.sbatch"), "--dry-run"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "PROCS=node needs --ntasks-per-node=1" in out.stderr
+
+
+# ---------------------------------------------------------------------------
+# Two real processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_workers(out_dir, mesh: str, num_processes: int = 2) -> list[dict]:
+    """Starts the workers, waits (bounded) and always reaps them."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    logs = [open(out_dir / f"worker_{i}.log", "w") for i in range(num_processes)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "tests", "multiprocess_worker.py"),
+             "--coordinator", coordinator, "--num-processes", str(num_processes), "--process-id", str(i),
+             "--devices", "4", "--mesh", mesh, "--out", str(out_dir)],
+            cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT,
+        )
+        for i in range(num_processes)
+    ]
+    try:
+        codes = [p.wait(timeout=WORKER_TIMEOUT_S) for p in procs]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    tails = "\n".join(f"--- worker {i} ---\n" + (out_dir / f"worker_{i}.log").read_text()[-3000:]
+                      for i in range(num_processes))
+    assert codes == [0] * num_processes, f"workers failed or timed out (exit codes {codes}):\n{tails}"
+    return [json.loads((out_dir / f"result_{i}.json").read_text()) for i in range(num_processes)]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("two_process")
+    return out_dir, _run_workers(out_dir, "data=2,fsdp=2,tensor=2")
+
+
+def test_two_processes_train_like_one(two_process_run):
+    import multiprocess_worker as worker
+
+    out_dir, results = two_process_run
+    for result in results:
+        assert (result["process_count"], result["device_count"], result["local_device_count"]) == (2, 8, 4)
+    assert results[0]["losses"] == results[1]["losses"]
+
+    layout = parallel.ParallelConfig(data=1)
+    ref_losses, ref_state, _ = worker.train_steps(layout, jax.devices()[:1])
+    np.testing.assert_allclose(results[0]["losses"], ref_losses, rtol=2e-5)
+    assert int(ref_state.step) == 3
+
+    # The steps did move the weights (Adam: about lr = 1e-3 per step).
+    config = worker.run_config_for_test()
+    model = run_config.model_config(config)
+    tx = optimizer.make_optimizer(config.optimizer, config.train.steps)
+    initial = jax.jit(lambda r: create_train_state(model, tx, r))(jax.random.key(0)).params
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), ref_state.params, initial)
+    assert min(jax.tree.leaves(moved)) > 1e-4
+
+    got = dict(np.load(out_dir / "params_0.npz"))
+    flat = jax.tree_util.tree_flatten_with_path(ref_state.params)[0]
+    assert sorted(got) == sorted(jax.tree_util.keystr(p) for p, _ in flat)
+    for path, ref in flat:
+        # Adam moves each weight ~lr = 1e-3 per step: agree to a thousandth of a step.
+        np.testing.assert_allclose(got[jax.tree_util.keystr(path)], ref, rtol=0, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_two_process_checkpoint_restores_on_another_mesh(two_process_run):
+    import multiprocess_worker as worker
+
+    out_dir, _ = two_process_run
+    config = worker.run_config_for_test()
+    model = run_config.model_config(config)
+    tx = optimizer.make_optimizer(config.optimizer, config.train.steps)
+    layout = parallel.ParallelConfig(data=1, fsdp=4, tensor=2)
+    mesh = parallel.make_mesh(layout)
+    abstract = abstract_train_state(model, tx)
+    shardings = parallel.state_shardings(abstract, model, layout, mesh)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    restored = ocp.StandardCheckpointer().restore(out_dir / "checkpoint", target)
+
+    assert int(restored.step) == config.train.steps
+    got = dict(np.load(out_dir / "params_0.npz"))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(restored.params)[0]:
+        np.testing.assert_array_equal(np.asarray(leaf), got[jax.tree_util.keystr(path)])
+    q = restored.params["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    mu = restored.opt_state
+    assert any(getattr(leaf, "sharding", None) is not None and leaf.sharding.spec == q.sharding.spec
+               and leaf.shape == q.shape for leaf in jax.tree.leaves(mu))
