@@ -1,0 +1,95 @@
+"""The decoding knobs as command-line flags, shared by the launchers that decode.
+
+`add_decoding_args(parser)` adds every field of `DecodeConfig` as a flag
+(the same names and defaults as `launch/generate.py`);
+`decode_config_from_args(args, config, stop_ids)` turns the parsed flags
+into a validated `DecodeConfig`, filling the defaults that depend on the
+checkpoint (mode from the mask token, block length from `block_size`, steps
+= block length). `resolve_stop_ids` picks the stop ids: the flag, else the
+tokenizer's, else the config's eos.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from sdar_jax.config import ModelConfig
+from sdar_jax.decode import strategies
+from sdar_jax.decode.decoder import MODES, DecodeConfig
+
+
+class DecodingArgsError(ValueError):
+    """A decoding flag has a bad value; the message names the flag."""
+
+
+def add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    """Adds the decoding flags (an argument group "decoding") to `parser`."""
+    d = DecodeConfig()
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--mode", choices=MODES, default=None,
+                   help="diffusion (SDAR) or ar (plain AR); default: diffusion when the config "
+                        "has a mask token, else ar")
+    g.add_argument("--block-length", type=int, default=None,
+                   help="block length B (default: the config's block_size, else 4)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="denoising steps per block (default: B); for said/said_chlg the per-block "
+                        "step budget")
+    g.add_argument("--strategy", default=d.strategy, choices=strategies.STRATEGY_NAMES,
+                   help="remasking strategy")
+    g.add_argument("--threshold", type=float, default=d.threshold,
+                   help="confidence threshold of low_confidence_dynamic, in (0, 1]")
+    g.add_argument("--eb-bound", type=float, default=d.eb_bound,
+                   help="entropy bound of entropy_bounded (nats)")
+    g.add_argument("--said-stages", type=int, default=d.said_stages, help="SAID stages K")
+    g.add_argument("--said-rec-steps", type=int, default=d.said_rec_steps,
+                   help="steps of SAID's reconstruction stage")
+    g.add_argument("--said-threshold", type=float, default=None,
+                   help="dynamic confidence threshold inside SAID stages (default: static)")
+    g.add_argument("--chlg-threshold", type=float, default=d.chlg_threshold,
+                   help="CHLG threshold tau (said_chlg)")
+    g.add_argument("--chlg-extra-steps", type=int, default=d.chlg_extra_steps,
+                   help="CHLG extra steps for positions below tau (said_chlg)")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--stop-ids", default=None,
+                   help="comma-separated stop token ids (default: the tokenizer's stop ids, else "
+                        "the config's eos)")
+
+
+def resolve_stop_ids(args: argparse.Namespace, tokenizer: Any, config: ModelConfig) -> tuple[int, ...]:
+    """--stop-ids, else the tokenizer's stop ids, else (config.eos_token_id,), else ()."""
+    if args.stop_ids is not None:
+        try:
+            return tuple(int(s) for s in args.stop_ids.split(",") if s.strip())
+        except ValueError as e:
+            raise DecodingArgsError(
+                f"--stop-ids {args.stop_ids!r}: expected comma-separated ints") from e
+    if tokenizer is not None and tokenizer.stop_token_ids:
+        return tuple(tokenizer.stop_token_ids)
+    return () if config.eos_token_id is None else (config.eos_token_id,)
+
+
+def decode_config_from_args(args: argparse.Namespace, config: ModelConfig,
+                            stop_ids: tuple[int, ...]) -> DecodeConfig:
+    """The DecodeConfig of parsed `add_decoding_args` flags for a checkpoint's `config`."""
+    mode = args.mode or ("diffusion" if config.mask_token_id is not None else "ar")
+    if mode == "diffusion" and config.mask_token_id is None:
+        raise DecodingArgsError(
+            "--mode diffusion needs a checkpoint with a mask token (mask_token_id in config.json); "
+            "this one has none: use --mode ar")
+    block_length = args.block_length or config.block_size or 4
+    try:
+        return DecodeConfig(
+            mode=mode, block_length=block_length,
+            steps=args.steps if args.steps is not None else block_length,
+            strategy=args.strategy, threshold=args.threshold, eb_bound=args.eb_bound,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens, stop_ids=stop_ids, said_stages=args.said_stages,
+            said_rec_steps=args.said_rec_steps, said_threshold=args.said_threshold,
+            chlg_threshold=args.chlg_threshold, chlg_extra_steps=args.chlg_extra_steps,
+        )
+    except ValueError as e:
+        raise DecodingArgsError(str(e)) from e
