@@ -64,14 +64,22 @@ def base_config() -> ml_collections.ConfigDict:
         max_tries=10,
     ))
 
+    # Read by the trainer (seq_len, global_batch_size, seed, tokenizer_dir) and
+    # by sdar_jax.data.pipeline.DataConfig (the rest; see its docstring).
     config.data = ml_collections.ConfigDict(dict(
         train_path=placeholder(str),
-        eval_path=placeholder(str),
+        eval_path=placeholder(str),  # None: no eval.
         tokenizer_dir=placeholder(str),
         seq_len=2048,
         global_batch_size=256,
         seed=0,
+        long_examples="raise",
+        append_eos=True,
+        shuffle=True,
+        num_epochs=placeholder(int),
+        packing_bins=placeholder(int),
         worker_count=0,
+        read_threads=4,
     ))
 
     config.optimizer = ml_collections.ConfigDict(dict(
@@ -207,6 +215,11 @@ def block_size(config: ml_collections.ConfigDict, model: ModelConfig) -> int:
             "--config.objective.block_size=4"
         )
     return int(block)
+
+
+def data_block_size(config: ml_collections.ConfigDict, model: ModelConfig) -> int:
+    """The multiple examples are padded to: the block size for SDAR, 1 for AR."""
+    return block_size(config, model) if config.objective.kind == "sdar" else 1
 
 
 def aux_loss_coef(config: ml_collections.ConfigDict, model: ModelConfig) -> float:

@@ -1,0 +1,136 @@
+"""The training loop: exact resume, eval and event files, the non-finite-loss stop,
+and SIGTERM (in a subprocess)."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from train_synthetic import synthetic_iterator, tiny_config
+
+from sdar_jax import checkpoint as checkpoint_lib
+from sdar_jax.train import loop
+from sdar_jax.train import optimizer
+from sdar_jax.train import config as run_config
+from sdar_jax.train.state import abstract_train_state
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Runs of one config compile the same programs: share them through jax's
+    persistent cache (each `train` call jits afresh)."""
+    directory = str(tmp_path_factory.mktemp("jax_cache"))
+    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield directory
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+
+
+def _config(workdir, steps):
+    config = tiny_config(str(workdir), steps=steps)
+    config.optimizer.decay_steps = 6  # the same schedule whatever train.steps says
+    return config
+
+
+def _eval_data():
+    return [next(synthetic_iterator(seed=1))]
+
+
+def _run(config, **kwargs):
+    return loop.train(config, train_data=synthetic_iterator(), devices=jax.devices()[:1], **kwargs)
+
+
+def _steps(workdir):
+    return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
+
+
+def test_resume_is_exact_step_for_step(tmp_path):
+    full = _run(_config(tmp_path / "full", 6), eval_data=_eval_data)
+    first = _run(_config(tmp_path / "split", 3))
+    # A fresh iterator: the checkpoint must put it back at batch 3.
+    second = _run(_config(tmp_path / "split", 6))
+
+    assert (full.step, first.step, second.step) == (6, 3, 6)
+    assert not (full.preempted or first.preempted or second.preempted)
+    resumed = first.history + second.history
+    for key in ("loss", "grad_norm", "accuracy", "learning_rate"):
+        np.testing.assert_array_equal([h[key] for h in resumed], [h[key] for h in full.history], err_msg=key)
+    assert len({h["loss"] for h in full.history}) == 6  # the steps really differ
+    # Interval saves (2, 4, 6) plus the end of the first call (3).
+    assert _steps(tmp_path / "split") == [2, 3, 4, 6]
+    assert _steps(tmp_path / "full") == [2, 4, 6]
+
+    # Eval at eval_every=3 and at the end, logged with the training scalars.
+    assert [s for s, _ in full.eval_history] == [3, 6]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for _, r in full.eval_history)
+    events = glob.glob(str(tmp_path / "full" / "tensorboard" / "events.out.tfevents.*"))
+    assert events and os.path.getsize(events[0]) > 0
+    # A later call finds nothing left to do and computes nothing.
+    again = _run(_config(tmp_path / "split", 6))
+    assert again.step == 6 and again.history == []
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = _config(tmp_path, 6)
+    with pytest.raises(loop.NonFiniteLossError, match="non-finite training metrics at step 5") as err:
+        loop.train(config, train_data=synthetic_iterator(poison_batch=4), devices=jax.devices()[:1])
+    assert err.value.step == 5 and err.value.last_checkpoint == 4
+    assert _steps(tmp_path) == [2, 4]
+
+    model = run_config.model_config(config)
+    tx = optimizer.make_optimizer(config.optimizer, config.train.steps)
+    abstract = checkpoint_lib.with_shardings(abstract_train_state(model, tx))
+    with checkpoint_lib.Checkpointer(tmp_path / "checkpoints", save_every=2, keep=5) as ckpt:
+        state, step = ckpt.restore(abstract, synthetic_iterator())
+    assert step == 4 and int(state.step) == 4
+    assert all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(state.params))
+
+
+_CHILD = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {here!r})
+    import jax
+    from train_synthetic import synthetic_iterator, tiny_config
+    from sdar_jax.train import loop
+
+    config = tiny_config({workdir!r}, steps=100000, checkpoint_every=2, log_every=50)
+    result = loop.train(config, train_data=synthetic_iterator(), devices=jax.devices()[:1])
+    print(json.dumps({{"step": result.step, "preempted": result.preempted}}))
+""")
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    workdir = str(tmp_path / "run")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD.format(here=HERE, workdir=workdir)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 400
+        while not os.path.isdir(os.path.join(workdir, "checkpoints", "2")):
+            assert child.poll() is None, child.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the child never saved step 2"
+            time.sleep(0.5)
+        child.send_signal(signal.SIGTERM)
+        stdout, stderr = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0, stderr[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["preempted"] is True
+    assert 2 <= result["step"] < 100000
+    assert _steps(workdir)[-1] == result["step"]
+    assert "preemption requested" in stderr
