@@ -260,8 +260,10 @@ def generate(
         greedy.
       decode_config: the decoding knobs.
       stream: optional host callback `stream(block_index, block_tokens,
-        block_start, active)` called after each block with [batch, B] tokens,
-        [batch] start positions and [batch] bool rows that decoded it.
+        block_start, active)` called after each block (each token in AR mode)
+        with [batch, B] tokens, [batch] start positions and [batch] bool rows
+        that decoded it. It is a static argument: pass the same function to
+        reuse the compilation.
 
     Returns:
       DecodeResult.
@@ -303,7 +305,7 @@ def generate(
 @functools.partial(jax.jit, static_argnames=("config", "static", "stream"))
 def _generate(params, prompt_tokens, prompt_lengths, keys, knobs, *, config, static, stream):
     if static.mode == "ar":
-        return _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, static)
+        return _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, static, stream)
     return _generate_diffusion(
         params, prompt_tokens, prompt_lengths, keys, knobs, config, static, stream
     )
@@ -470,7 +472,7 @@ def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, conf
     )
 
 
-def _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, static):
+def _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, static, stream):
     g = static.max_new_tokens
     batch, max_prompt = prompt_tokens.shape
     canvas_len = max_prompt + g
@@ -502,6 +504,8 @@ def _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, sta
         proposal = proposal[:, 0]
         canvas = canvas.at[rows, last + 1].set(jnp.where(active, proposal, canvas[rows, last + 1]))
         stopped = active & _is_stop(proposal, knobs["stop_ids"])
+        if stream is not None:
+            jax.debug.callback(stream, t, proposal[:, None], last + 1, active, ordered=True)
         finished = finished | stopped | (active & (t + 1 >= g))
         steps_per_token = steps_per_token.at[:, t].set(active.astype(jnp.int32))
         return t + 1, canvas, cache, finished, forwards + active, steps_per_token
