@@ -35,7 +35,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safe_open can read BF16)
@@ -459,7 +459,57 @@ def _plan_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list
     return shards
 
 
-def _hf_tensors(config: ModelConfig, params: Mapping) -> Iterator[tuple[str, TensorRule, Any, tuple[int, ...]]]:
+def write_safetensors(
+    out_dir: str,
+    tensors: Sequence[tuple[str, tuple[int, ...]]],
+    produce: Callable[[str], np.ndarray],
+    dtype: str,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Writes tensors as Hugging Face safetensors into an existing directory.
+
+    One `model.safetensors` when everything fits in `max_shard_bytes`, else
+    `model-0000k-of-0000n.safetensors` shards plus `model.safetensors.index.json`.
+    Tensors are produced one at a time, in order; peak extra memory is one shard.
+
+    Args:
+      out_dir: the directory to write into.
+      tensors: (name, shape) of every tensor, in file order.
+      produce: name -> the tensor's values (any float dtype, that shape).
+      dtype: "float32" or "bfloat16", the dtype written.
+      max_shard_bytes: the largest shard (a larger single tensor gets its own).
+    """
+    out_dtype = numpy_dtype(dtype)
+    shapes = dict(tensors)
+    sizes = [(name, math.prod(shape) * out_dtype.itemsize) for name, shape in tensors]
+    shards = _plan_shards(sizes, max_shard_bytes)
+    file_names = (
+        [SAFETENSORS_SINGLE] if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map = {}
+    for file_name, names in zip(file_names, shards):
+        arrays = {}
+        for name in names:
+            value = np.asarray(produce(name))
+            if tuple(value.shape) != tuple(shapes[name]):
+                raise ConversionError(f"tensor {name} has shape {list(value.shape)}, expected {list(shapes[name])}")
+            arrays[name] = np.ascontiguousarray(value.astype(out_dtype))
+            weight_map[name] = file_name
+        save_file(arrays, os.path.join(out_dir, file_name), metadata={"format": "pt"})
+        del arrays
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(s for _, s in sizes)}, "weight_map": weight_map}
+        with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+
+
+def write_hf_weights(
+    out_dir: str, config: ModelConfig, params: Mapping, dtype: str,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Writes params as Hugging Face safetensors (see write_safetensors)."""
+    slices: dict[str, tuple[TensorRule, Any, tuple[int, ...]]] = {}
     for rule in tensor_rules(config):
         value = _get_path(params, rule.path)
         if tuple(value.shape) != rule.full_shape(config):
@@ -468,51 +518,27 @@ def _hf_tensors(config: ModelConfig, params: Mapping) -> Iterator[tuple[str, Ten
                 f"expected {list(rule.full_shape(config))}"
             )
         for name, index in rule.instances(config):
-            yield name, rule, value, index
+            slices[name] = (rule, value, index)
 
+    def produce(name: str) -> np.ndarray:
+        rule, value, index = slices[name]
+        return rule.to_hf(np.asarray(value[index]))
 
-def write_hf_weights(
-    out_dir: str, config: ModelConfig, params: Mapping, dtype: str,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-) -> None:
-    """Writes params as Hugging Face safetensors into an existing directory.
-
-    One `model.safetensors` when everything fits in `max_shard_bytes`, else
-    `model-0000k-of-0000n.safetensors` shards plus `model.safetensors.index.json`.
-    Tensors are produced one at a time; peak extra memory is one shard.
-    """
-    out_dtype = numpy_dtype(dtype)
-    entries = list(_hf_tensors(config, params))
-    sizes = [(name, math.prod(rule.hf_shape) * out_dtype.itemsize) for name, rule, _, _ in entries]
-    shards = _plan_shards(sizes, max_shard_bytes)
-    by_name = {name: (rule, value, index) for name, rule, value, index in entries}
-    file_names = (
-        [SAFETENSORS_SINGLE] if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    weight_map = {}
-    for file_name, names in zip(file_names, shards):
-        tensors = {}
-        for name in names:
-            rule, value, index = by_name[name]
-            tensor = rule.to_hf(np.asarray(value[index])).astype(out_dtype)
-            tensors[name] = np.ascontiguousarray(tensor)
-            weight_map[name] = file_name
-        save_file(tensors, os.path.join(out_dir, file_name), metadata={"format": "pt"})
-        del tensors
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(s for _, s in sizes)}, "weight_map": weight_map}
-        with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
+    tensors = [(name, rule.hf_shape) for name, (rule, _, _) in slices.items()]
+    write_safetensors(out_dir, tensors, produce, dtype, max_shard_bytes)
 
 
 # ---------------------------------------------------------------------------
 # Atomic output directories
 
 
-class _AtomicDir:
-    """A temporary directory next to `target`, renamed to `target` on success
-    and removed on failure."""
+class AtomicDir:
+    """Context manager: a temporary directory next to `target`, renamed to
+    `target` on success and removed on failure (no half-written outputs).
+
+    `with AtomicDir(out) as tmp:` yields the temporary path to write into.
+    An existing `target` is refused unless `overwrite`.
+    """
 
     def __init__(self, target: str | os.PathLike, overwrite: bool = False):
         self.target = os.path.abspath(os.fspath(target))
@@ -543,7 +569,7 @@ class _AtomicDir:
             os.rename(self.path, self.target)
 
 
-def _copy_aux_files(src_dir: str, dst_dir: str) -> None:
+def copy_aux_files(src_dir: str, dst_dir: str) -> None:
     for name in AUX_FILES:
         src = os.path.join(src_dir, name)
         if os.path.isfile(src):
@@ -606,10 +632,10 @@ def save_params_checkpoint(
     """
     _check_param_shapes(config, params, "save_params_checkpoint")
     config = config.replace(param_dtype=_params_dtype(params))
-    with _AtomicDir(out_dir, overwrite) as tmp:
+    with AtomicDir(out_dir, overwrite) as tmp:
         _write_params(tmp, config, params)
         if aux_dir is not None:
-            _copy_aux_files(os.fspath(aux_dir), tmp)
+            copy_aux_files(os.fspath(aux_dir), tmp)
 
 
 def load_params_checkpoint(
@@ -693,8 +719,8 @@ def jax_to_hf(
     config, params = load_params_checkpoint(ckpt_dir)
     dtype = dtype or config.param_dtype
     config = config.replace(param_dtype=dtype)
-    with _AtomicDir(out_dir, overwrite) as tmp:
+    with AtomicDir(out_dir, overwrite) as tmp:
         write_hf_weights(tmp, config, params, dtype, max_shard_bytes)
         _write_config(tmp, config)
-        _copy_aux_files(os.fspath(ckpt_dir), tmp)
+        copy_aux_files(os.fspath(ckpt_dir), tmp)
     return config
