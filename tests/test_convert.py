@@ -292,3 +292,36 @@ def test_rules_name_every_tensor_of_a_released_sdar_checkpoint():
     config = get_preset("sdar-4b")
     expected = {name for rule in convert.tensor_rules(config) for name, _ in rule.instances(config)}
     assert released == expected
+
+
+def test_peak_memory_is_one_output_copy_plus_a_tensor(tmp_path):
+    """hf_to_params streams: traced allocations stay below the output plus a
+    few tensors (a second copy of the model would add 13 of the largest)."""
+    import math
+    import tracemalloc
+
+    hf_dir, _ = hf_models.make_checkpoint(tmp_path / "hf", "qwen3", num_hidden_layers=6, intermediate_size=256)
+    tracemalloc.start()
+    try:
+        config, params = convert.hf_to_params(hf_dir)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    output = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    largest = max(math.prod(rule.hf_shape) * 4 for rule in convert.tensor_rules(config))
+    assert output > 12 * largest
+    assert peak < output + 3 * largest
+
+
+def test_export_bfloat16_loads_in_transformers(qwen3_dir, tmp_path):
+    hf_dir, model = qwen3_dir
+    convert.hf_to_jax(hf_dir, tmp_path / "ckpt")
+    argv = ["jax-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]
+    assert convert_checkpoint.main(argv) == 0
+    with safe_open(str(tmp_path / "bf16" / convert.SAFETENSORS_SINGLE), framework="numpy") as f:
+        assert {f.get_slice(n).get_dtype() for n in f.keys()} == {"BF16"}
+    reloaded = hf_models.load_model(tmp_path / "bf16", dtype="bfloat16")
+    original = model.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, original[name].bfloat16()), name
