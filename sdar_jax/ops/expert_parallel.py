@@ -16,8 +16,9 @@ one expert group, so nothing is ever dropped):
 2. pack them into a `[n, C, hidden]` buffer, block d for expert group d;
 3. `all_to_all` over `expert` (block d goes to device d), and the assignment
    counts `[n, E_l]` with it;
-4. sort the received rows by local expert, grouped SwiGLU (`ragged_dot`),
-   unsort; padding rows belong to no expert and stay zero;
+4. sort the received rows by local expert, grouped SwiGLU
+   (`sdar_jax.ops.grouped_matmul`), unsort; padding rows belong to no
+   expert, stay zero and (in the tiled grouped matmul) cost no work;
 5. `all_to_all` back, unpack, unsort, combine with the routing weights;
 6. `psum` over `tensor` (each tensor shard computed a slice of `mlp`).
 
@@ -58,6 +59,7 @@ def _exchange_body(
     down: jnp.ndarray,
     *,
     num_groups: int,
+    impl: str,
 ) -> jnp.ndarray:
     """One device's part of expert-parallel MoE (runs inside shard_map).
 
@@ -66,6 +68,7 @@ def _exchange_body(
       weights: [T_l, k] float32; experts: [T_l, k] int32 global expert ids.
       gate, up: [E_l, hidden, mlp_l]; down: [E_l, mlp_l, hidden] local experts.
       num_groups: n, the size of the expert axis.
+      impl: the grouped matmul implementation.
 
     Returns:
       [T_l, hidden] this device's share of the MoE output (a partial sum over
@@ -95,7 +98,7 @@ def _exchange_body(
     local_ids = jax.vmap(lambda b: jnp.searchsorted(b, row, side="right"))(bounds)  # [src, C]
     local_sorted = sort_assignments(local_ids.reshape(-1, 1), local_experts + 1)
     rows = recv.reshape(num_groups * capacity, hidden)[local_sorted.order]
-    y = grouped_swiglu(rows, gate, up, down, local_sorted.group_sizes[:local_experts])
+    y = grouped_swiglu(rows, gate, up, down, local_sorted.group_sizes[:local_experts], impl)
     y = y[local_sorted.inverse].reshape(num_groups, capacity, hidden)
 
     # 5. Send results back and restore the token order.
@@ -103,11 +106,6 @@ def _exchange_body(
     y_sorted = back[dest, slot]  # [T_l*k, hidden]
     y_tokens = y_sorted[sorted_.inverse].reshape(num_tokens, top_k, hidden)
     return combine(y_tokens, weights)
-
-
-def _local_body(x, weights, experts, gate, up, down) -> jnp.ndarray:
-    """Without an expert axis every device holds all experts (mlp maybe split)."""
-    return dropless_experts(x, weights, experts, gate, up, down)
 
 
 def sharded_experts(
@@ -118,6 +116,7 @@ def sharded_experts(
     up: jnp.ndarray,
     down: jnp.ndarray,
     mesh: Mesh,
+    impl: str = "auto",
 ) -> jnp.ndarray:
     """Dropless MoE over a device mesh (expert-parallel when it has an `expert` axis > 1).
 
@@ -128,6 +127,7 @@ def sharded_experts(
       mesh: a Mesh or AbstractMesh; its `data`, `fsdp` and `expert` axes
         split the tokens, `expert` the experts and `tensor` the mlp dimension.
         Other axes replicate the work.
+      impl: the grouped matmul implementation ("auto", "ragged_dot", "tiled").
 
     Returns:
       [T, hidden], equal to `dropless_experts` on one device.
@@ -165,9 +165,9 @@ def sharded_experts(
 
     def body(x, weights, experts, gate, up, down):
         if num_groups > 1:
-            out = _exchange_body(x, weights, experts, gate, up, down, num_groups=num_groups)
-        else:
-            out = _local_body(x, weights, experts, gate, up, down)
+            out = _exchange_body(x, weights, experts, gate, up, down, num_groups=num_groups, impl=impl)
+        else:  # every device holds all experts (their mlp maybe split over tensor)
+            out = dropless_experts(x, weights, experts, gate, up, down, impl)
         return jax.lax.psum(out, tp) if tp else out
 
     out = jax.shard_map(

@@ -6,9 +6,10 @@ The pieces of a Qwen3-MoE MLP, as plain functions on arrays:
 - `router_stats` / `load_balancing_loss`: the Switch-style auxiliary loss,
   computed exactly as transformers' `load_balancing_loss_func` does.
 - `dropless_experts`: every (token, expert) assignment is sorted by expert,
-  the SwiGLU experts run as grouped matmuls (`jax.lax.ragged_dot`), and the
-  results are unsorted and combined with the routing weights. There is no
-  capacity factor: no token is ever dropped.
+  the SwiGLU experts run as grouped matmuls (`sdar_jax.ops.grouped_matmul`:
+  `jax.lax.ragged_dot` on TPU/GPU, a tiled XLA loop on CPU), and the results
+  are unsorted and combined with the routing weights. There is no capacity
+  factor: no token is ever dropped.
 
 Expert parallelism (tokens sent to the devices that own their experts) lives
 in `sdar_jax.ops.expert_parallel`, built from the same pieces.
@@ -20,6 +21,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from sdar_jax.ops.grouped_matmul import grouped_matmul
 
 
 class Routing(NamedTuple):
@@ -156,6 +159,7 @@ def grouped_swiglu(
     up: jnp.ndarray,
     down: jnp.ndarray,
     group_sizes: jnp.ndarray,
+    impl: str = "auto",
 ) -> jnp.ndarray:
     """SwiGLU experts on rows grouped by expert: `down_g(silu(gate_g(x)) * up_g(x))`.
 
@@ -165,13 +169,14 @@ def grouped_swiglu(
       gate, up: [experts, hidden, mlp].
       down: [experts, mlp, hidden].
       group_sizes: [experts] int32.
+      impl: the grouped matmul implementation ("auto", "ragged_dot", "tiled").
 
     Returns:
       [M, hidden] in x's dtype.
     """
-    g = jax.lax.ragged_dot(x, gate.astype(x.dtype), group_sizes)
-    u = jax.lax.ragged_dot(x, up.astype(x.dtype), group_sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(g) * u, down.astype(x.dtype), group_sizes)
+    g = grouped_matmul(x, gate, group_sizes, impl=impl)
+    u = grouped_matmul(x, up, group_sizes, impl=impl)
+    return grouped_matmul(jax.nn.silu(g) * u, down, group_sizes, impl=impl)
 
 
 def combine(y: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
@@ -195,6 +200,7 @@ def dropless_experts(
     gate: jnp.ndarray,
     up: jnp.ndarray,
     down: jnp.ndarray,
+    impl: str = "auto",
 ) -> jnp.ndarray:
     """Dropless MoE on one device: sort by expert, grouped matmuls, unsort, combine.
 
@@ -203,6 +209,7 @@ def dropless_experts(
       weights: [T, k] float32 routing weights.
       experts: [T, k] int32 expert ids.
       gate, up: [experts, hidden, mlp]; down: [experts, mlp, hidden].
+      impl: the grouped matmul implementation ("auto", "ragged_dot", "tiled").
 
     Returns:
       [T, hidden] in x's dtype.
@@ -210,7 +217,7 @@ def dropless_experts(
     num_tokens, top_k = experts.shape
     sorted_ = sort_assignments(experts, gate.shape[0])
     x_sorted = x[sorted_.order // top_k]  # [T*k, hidden]
-    y_sorted = grouped_swiglu(x_sorted, gate, up, down, sorted_.group_sizes)
+    y_sorted = grouped_swiglu(x_sorted, gate, up, down, sorted_.group_sizes, impl)
     y = y_sorted[sorted_.inverse].reshape(num_tokens, top_k, -1)
     return combine(y, weights)
 
