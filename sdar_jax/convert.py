@@ -661,7 +661,9 @@ def load_params_checkpoint(
         raise ConversionError(f"{ckpt_dir}: not a params checkpoint (no {PARAMS_SUBDIR}/ directory)")
     config = load_hf_config(ckpt_dir)
     with ocp.StandardCheckpointer() as ckptr:
-        stored = ckptr.metadata(params_dir).item_metadata.tree
+        metadata = ckptr.metadata(params_dir)
+        # orbax >= 0.11 wraps the tree in StepMetadata.item_metadata; older returns it directly.
+        stored = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
         _check_param_shapes(config, stored, ckpt_dir)
         stored_dtype = _params_dtype(stored)
         dtype = dtype or stored_dtype

