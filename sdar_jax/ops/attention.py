@@ -78,6 +78,18 @@ def xla_attention(
     return out.reshape(batch, q_len, heads, head_dim)
 
 
+@register("pallas")
+def pallas_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, **kwargs) -> jnp.ndarray:
+    """Block-sparse Pallas kernels, lowered for the current backend (interpreted on CPU).
+
+    See `sdar_jax.ops.pallas_attention`; imported lazily so the XLA path never
+    loads the kernel modules.
+    """
+    from sdar_jax.ops import pallas_attention as kernels
+
+    return kernels.pallas_attention(q, k, v, **kwargs)
+
+
 def attention(
     q: jnp.ndarray,
     k: jnp.ndarray,

@@ -414,3 +414,34 @@ def flash_attention(
         )
     st = _Static(mask, block_sizes, groups, q.shape[1] // 2, interpret)
     return _flash(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+
+
+def flash_forward(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    *,
+    mask: masks.MaskSpec,
+    q_positions: jnp.ndarray,
+    kv_positions: jnp.ndarray,
+    q_segment_ids: jnp.ndarray | None = None,
+    kv_segment_ids: jnp.ndarray | None = None,
+    block_sizes: BlockSizes = BlockSizes(),
+    interpret: bool = False,
+) -> jnp.ndarray:
+    """The forward kernel alone (no custom_vjp, no residuals); arguments as `flash_attention`.
+
+    Used for decoding, where nothing is differentiated.
+    """
+    heads, kv_heads = q.shape[2], k.shape[2]
+    groups = heads // kv_heads
+    if block_sizes.block_q % groups:
+        raise ValueError(
+            f"BlockSizes.block_q ({block_sizes.block_q}) must be a multiple of the query heads "
+            f"per kv head ({groups})"
+        )
+    forward_only = dataclasses.replace(
+        block_sizes, block_q_bwd=block_sizes.block_q, block_k_bwd=block_sizes.block_k
+    )
+    st = _Static(mask, forward_only, groups, q.shape[1] // 2, interpret)
+    return _flash_fwd(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)[0]

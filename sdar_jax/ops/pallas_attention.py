@@ -1,0 +1,70 @@
+"""The "pallas" attention implementation: picks a kernel by backend and call shape.
+
+  GPU  self-attention / training, any mask and positions: `pallas_gpu.flash_attention`
+       (Triton; forward + custom_vjp backward).
+       A few queries against a cache (q_len != kv_len, q_len * groups <= 64):
+       `pallas_decode` (split-K decode kernel, forward only).
+  TPU  self-attention (q_len == kv_len): splash attention (`pallas_tpu.splash_attention`),
+       which assumes canonical positions (see `sdar_jax.ops.pallas_tpu`).
+       Against a cache: `pallas_tpu.cache_attention` (forward only).
+  CPU  the GPU kernels in the Pallas interpreter (for tests; slow).
+
+`interpret=True` with `backend="gpu"` or `"tpu"` runs that lowering's kernels in
+the interpreter, which is how the tests check both on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sdar_jax.ops import masks, pallas_decode, pallas_gpu
+
+BACKENDS = ("gpu", "tpu")
+
+
+def pallas_attention(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    *,
+    mask: masks.MaskSpec,
+    q_positions: jnp.ndarray,
+    kv_positions: jnp.ndarray,
+    q_segment_ids: jnp.ndarray | None = None,
+    kv_segment_ids: jnp.ndarray | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
+) -> jnp.ndarray:
+    """Masked attention through the Pallas kernels; arguments as `ops.attention.attention`.
+
+    Args:
+      backend: "gpu" or "tpu" lowering; None: the default JAX backend ("gpu"
+        kernels interpreted when that is the CPU).
+      interpret: run in the Pallas interpreter; None: only when the default
+        JAX backend is not an accelerator.
+
+    Returns:
+      [batch, q_len, heads, head_dim] in q's dtype.
+    """
+    platform = jax.default_backend()
+    if backend is None:
+        backend = platform if platform in BACKENDS else "gpu"
+    if backend not in BACKENDS:
+        raise ValueError(f"pallas_attention: backend {backend!r} is not one of {BACKENDS}")
+    if interpret is None:
+        interpret = platform not in BACKENDS
+    q_len, kv_len = q.shape[1], k.shape[1]
+    groups = q.shape[2] // k.shape[2]
+    kw = dict(mask=mask, q_positions=q_positions, kv_positions=kv_positions,
+              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    if backend == "tpu":
+        from sdar_jax.ops import pallas_tpu  # only TPU callers import splash and Mosaic
+
+        if q_len == kv_len:
+            return pallas_tpu.splash_attention(q, k, v, mask=mask, segment_ids=q_segment_ids,
+                                               interpret=interpret)
+        return pallas_decode.decode_attention(q, k, v, **kw, backend="tpu", interpret=interpret)
+    if q_len != kv_len and q_len * groups <= pallas_decode.MAX_DECODE_ROWS and mask.kind != "block_diffusion":
+        return pallas_decode.decode_attention(q, k, v, **kw, backend="gpu", interpret=interpret)
+    return pallas_gpu.flash_attention(q, k, v, **kw, interpret=interpret)
