@@ -21,6 +21,8 @@ overrides still parse to the right type).
 from __future__ import annotations
 
 import os
+import types
+import typing
 from typing import Any
 
 import ml_collections
@@ -37,6 +39,24 @@ class RunConfigError(ValueError):
     """A field of the run configuration is missing or inconsistent."""
 
 
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
+
+
+def _architecture_overrides() -> ml_collections.ConfigDict:
+    """A ConfigDict with every architecture field of ModelConfig unset (typed
+    placeholders), so `--config.model.overrides.num_layers=2` parses."""
+    hints = typing.get_type_hints(ModelConfig)
+    fields = {}
+    for name in ModelConfig.__dataclass_fields__:
+        if name in _RUNTIME_FIELDS:
+            continue
+        kind = hints[name]
+        if isinstance(kind, types.UnionType):  # `int | None`
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        fields[name] = placeholder(kind)
+    return ml_collections.ConfigDict(fields)
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every run-config field with its default value."""
     config = ml_collections.ConfigDict()
@@ -46,8 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
         # (then the checkpoint's config.json is the architecture).
         preset=placeholder(str),
         hf_config=placeholder(str),
-        # Architecture fields replaced on top (e.g. vocab_size for a tokenizer).
-        overrides=ml_collections.ConfigDict(),
+        # Architecture fields replaced on top (e.g. vocab_size for a tokenizer);
+        # every ModelConfig architecture field, None = keep.
+        overrides=_architecture_overrides(),
         # Runtime: compute dtype, master-weight dtype, remat, attention kernel.
         dtype="float32",
         param_dtype="float32",
@@ -121,7 +142,16 @@ def base_config() -> ml_collections.ConfigDict:
         # (logical axis name, mesh axis or axes or None) pairs; None: the defaults.
         logical_rules=placeholder(tuple),
     ))
+
+    # Dotted names of fields this run cannot start without (see check_required).
+    config.required = ()
     return config
+
+
+def check_required(config: ml_collections.ConfigDict) -> None:
+    """Raises RunConfigError naming the first of `config.required` that is unset."""
+    for dotted in config.required:
+        require(config, dotted, "this config leaves it to the command line")
 
 
 def require(config: ml_collections.ConfigDict, dotted: str, why: str) -> Any:
@@ -163,10 +193,13 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
         arch = model_config_lib.get_preset(m.preset)
     else:
         arch = model_config_lib.load_hf_config(m.hf_config)
-    changes = dict(m.overrides.to_dict())
-    unknown = sorted(set(changes) - set(ModelConfig.__dataclass_fields__))
+    changes = {k: v for k, v in m.overrides.to_dict().items() if v is not None}
+    unknown = sorted(set(changes) - set(ModelConfig.__dataclass_fields__) | set(changes) & set(_RUNTIME_FIELDS))
     if unknown:
-        raise RunConfigError(f"model.overrides names unknown ModelConfig fields {unknown}")
+        raise RunConfigError(
+            f"model.overrides names {unknown}, which are not ModelConfig architecture fields "
+            "(runtime fields are model.dtype, model.param_dtype, model.remat_policy, model.attention_impl)"
+        )
     changes.update(_runtime_fields(config))
     return arch.replace(**changes)
 
@@ -232,3 +265,59 @@ def aux_loss_coef(config: ml_collections.ConfigDict, model: ModelConfig) -> floa
 
 def workdir(config: ml_collections.ConfigDict) -> str:
     return os.path.abspath(require(config, "train.workdir", "where checkpoints and logs go"))
+
+
+# ---------------------------------------------------------------------------
+# The paper-scale recipe (configs/sdar_*.py)
+
+SDAR_MASK_TOKEN_ID = 151669  # `<|MASK|>` of the SDAR tokenizer (reference/sdar-tokenizer)
+SDAR_STAGES = ("pretrain", "sft")
+# Spec §2: ~50B tokens of continued pretraining (whole sequence noised), then
+# ~4B tokens of SFT (prompt kept clean), block size 4.
+_STAGE_TOKENS = {"pretrain": 50e9, "sft": 4e9}
+
+
+def sdar_recipe(
+    stage: str | None, *, remat_policy: str, mesh: dict[str, int], seq_len: int = 4096,
+    global_batch_size: int = 256,
+) -> ml_collections.ConfigDict:
+    """The AR -> SDAR adaptation of spec §2 for one released model size.
+
+    `stage="pretrain"` starts from a converted AR checkpoint (`train.init_from`,
+    e.g. Qwen3-*-Base after `convert_checkpoint.py hf-to-jax`); `stage="sft"`
+    from the pretrain stage's export. The number of steps is the stage's token
+    budget over `global_batch_size * seq_len` tokens per step. Data paths,
+    tokenizer (the SDAR one, which has `<|MASK|>` = 151669), init_from and
+    workdir are left to the command line (`config.required`).
+
+    Settings the spec does not give (learning rate, warmup, batch, sequence
+    length) are conventional continued-training values: 4096-token rows like
+    Qwen3's pretraining, ~1M tokens per step, peak learning rate 1e-5 with a
+    cosine decay to 10%. The loss is normalised by the number of masked tokens,
+    how the released checkpoints were trained (spec §2.4).
+    """
+    stage = stage or "pretrain"
+    if stage not in SDAR_STAGES:
+        raise RunConfigError(f"config arg (stage) is {stage!r}; expected one of {SDAR_STAGES}")
+    config = base_config()
+    config.model.overrides.update(dict(mask_token_id=SDAR_MASK_TOKEN_ID, block_size=4))
+    config.model.update(
+        dtype="bfloat16", param_dtype="float32", remat_policy=remat_policy, attention_impl="auto",
+    )
+    config.objective.update(kind="sdar", block_size=4, normalization="masked")
+    # Pretraining documents longer than a row are split; so are the rare SFT
+    # conversations that exceed it (the response tail still trains).
+    config.data.update(seq_len=seq_len, global_batch_size=global_batch_size, long_examples="split")
+    tokens_per_step = seq_len * global_batch_size
+    steps = int(-(-_STAGE_TOKENS[stage] // tokens_per_step))
+    config.optimizer.update(
+        peak_lr=1e-5, end_lr_ratio=0.1, warmup_steps=500 if stage == "pretrain" else 100,
+        weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum_steps=1,
+    )
+    config.train.update(
+        steps=steps, log_every=10, eval_every=1000, eval_batches=16, checkpoint_every=1000,
+        keep=3, export=True,
+    )
+    config.mesh.update(mesh)
+    config.required = ("train.init_from", "data.train_path", "data.tokenizer_dir", "train.workdir")
+    return config

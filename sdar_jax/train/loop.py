@@ -154,6 +154,7 @@ def _make_data(config: ml_collections.ConfigDict, model: ModelConfig) -> tuple[I
 class _Layout:
     """Where the state and the batches live: shardings over the run's mesh."""
 
+    mesh: jax.sharding.Mesh  # set with jax.set_mesh around the run (MoE expert parallelism reads it)
     state: Any  # TrainState of NamedShardings
     batch: dict[str, jax.sharding.NamedSharding]
     global_batch: int
@@ -173,6 +174,7 @@ def _layout(config: ml_collections.ConfigDict, model: ModelConfig, tx: Any, devi
         for key in ("tokens", "segment_ids", "positions", "loss_mask")
     }
     return _Layout(
+        mesh=mesh,
         state=parallel.state_shardings(abstract, model, pconfig, mesh),
         batch=parallel.batch_shardings(batch, pconfig, mesh),
         global_batch=global_batch,
@@ -248,6 +250,7 @@ def train(
     Raises:
       NonFiniteLossError: the loss or gradient norm was NaN/inf at some step.
     """
+    run_config.check_required(config)
     model = run_config.model_config(config)
     run_config.validate(config, model)
     workdir = run_config.workdir(config)
@@ -276,6 +279,7 @@ def train(
     )
     with contextlib.ExitStack() as stack:
         stack.enter_context(checkpointer)
+        stack.enter_context(jax.set_mesh(layout.mesh))
         flag = stack.enter_context(PreemptionFlag())
         state = _initial_state(config, model, tx, layout, checkpointer, train_data)
         step = int(jax.device_get(state.step))

@@ -24,6 +24,8 @@ import jax
 import ml_collections
 import optax
 
+from sdar_jax.train.config import RunConfigError
+
 _NO_DECAY_LEAVES = ("scale",)
 
 
@@ -32,7 +34,7 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
     peak_lr * end_lr_ratio at decay_steps (default: total_steps), flat after."""
     decay_steps = opt.decay_steps or total_steps
     if decay_steps <= opt.warmup_steps:
-        raise ValueError(
+        raise RunConfigError(
             f"optimizer.decay_steps ({decay_steps}) must exceed optimizer.warmup_steps "
             f"({opt.warmup_steps})"
         )

@@ -70,7 +70,7 @@ def tiny_config(workdir: str | None = None, **train_overrides) -> ml_collections
     """A run config for a 2-layer, 32-wide SDAR model on the synthetic source."""
     config = base_config()
     config.model.preset = "tiny"
-    config.model.overrides = ml_collections.ConfigDict(dict(
+    config.model.overrides.update(dict(
         vocab_size=VOCAB, mask_token_id=MASK_ID, hidden_size=32, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=8, intermediate_size=64,
     ))
