@@ -1,0 +1,164 @@
+"""Evaluate an sdar_jax params checkpoint on a JSONL file of problems (batched, jitted).
+
+  python launch/evaluate.py --ckpt CKPT_DIR --data FILE.jsonl [--tokenizer DIR] [--chat]
+      [--style gsm8k|math|exact] [--n-samples N] [--k 1,5] [--output FILE.jsonl]
+      [--summary FILE.json] [--batch-size N] [--num-buckets N] [--seed S] [--limit N]
+      [every decoding flag of launch/generate.py: --mode --block-length --steps --strategy
+       --threshold --temperature --top-k --top-p --max-new-tokens --stop-ids ...]
+
+Each line of FILE.jsonl holds a `prompt` and a reference `answer` (a bare
+answer, or a full solution ending in `#### 42` / holding `\\boxed{..}`);
+`--prompt-field` / `--answer-field` read other keys. Prompts are grouped into
+`--num-buckets` padded length buckets (one compilation each). With
+`--n-samples N > 1` (needs `--temperature > 0`), every problem is sampled N
+times with its own PRNG keys, and the summary adds unbiased pass@k for each
+`--k` and majority-vote accuracy.
+
+Outputs: one JSON line per problem in `--output` (samples, extracted
+answers, correctness, TPF), the summary JSON in `--summary` (default: next to
+`--output` as `<output stem>.summary.json`), and the summary printed. Bad
+input exits with status 2 and a one-line message naming the value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from sdar_jax.decode.cli import DecodingArgsError, add_decoding_args, decode_config_from_args, resolve_stop_ids
+from sdar_jax.eval import answers
+from sdar_jax.eval.runner import EvalSettings
+
+
+class UsageError(ValueError):
+    """Bad command-line input; reported as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluate", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--ckpt", required=True, help="params checkpoint directory")
+    parser.add_argument("--data", required=True, help="JSONL file of problems")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory (default: the checkpoint directory)")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap prompts in the tokenizer's chat template (user turn)")
+    parser.add_argument("--style", choices=answers.STYLES, default="gsm8k",
+                        help="answer extraction and comparison")
+    parser.add_argument("--prompt-field", default="prompt")
+    parser.add_argument("--answer-field", default="answer")
+    parser.add_argument("--n-samples", type=int, default=1, help="samples per problem")
+    parser.add_argument("--k", default="1", help="comma-separated k of pass@k (each <= n-samples)")
+    parser.add_argument("--output", default=None, help="per-problem JSONL output")
+    parser.add_argument("--summary", default=None, help="summary JSON output")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-buckets", type=int, default=3,
+                        help="most prompt-length buckets (one compilation each)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_decoding_args(parser)
+    return parser
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(k) for k in text.split(",") if k.strip())
+    except ValueError as e:
+        raise UsageError(f"--k {text!r}: expected comma-separated ints") from e
+    if not ks:
+        raise UsageError(f"--k {text!r}: no values")
+    return ks
+
+
+def _summary_path(args: argparse.Namespace) -> str | None:
+    if args.summary:
+        return args.summary
+    if args.output:
+        return os.path.splitext(args.output)[0] + ".summary.json"
+    return None
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A short human-readable rendering of a runner summary."""
+    lines = [
+        f"examples={summary['num_examples']} samples/example={summary['n_samples']} "
+        f"style={summary['style']}",
+        f"accuracy={summary['accuracy']:.4f} (+/- {summary['accuracy_stderr']:.4f})",
+    ]
+    if summary["accuracy_by_task"]:
+        lines.append("by task: " + ", ".join(f"{t}={a:.4f}" for t, a in summary["accuracy_by_task"].items()))
+    lines.append("pass@k: " + ", ".join(f"pass@{k}={v:.4f}" for k, v in summary["pass_at_k"].items()))
+    if summary["n_samples"] > 1:
+        lines.append(f"majority-vote accuracy={summary['majority_accuracy']:.4f}")
+    lines.append(
+        f"TPF={summary['tpf']:.3f} tokens/s={summary['tokens_per_second']:.1f} "
+        f"forwards={summary['num_forwards']} generated_tokens={summary['generated_tokens']} "
+        f"decode={summary['decode_seconds']:.2f}s compile={summary['compile_seconds']:.2f}s"
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sdar_jax import convert
+    from sdar_jax.data.tokenizer import TokenizerError, load_tokenizer
+    from sdar_jax.eval import runner
+
+    try:
+        settings = EvalSettings(
+            style=args.style, n_samples=args.n_samples, ks=_ks(args.k), batch_size=args.batch_size,
+            num_buckets=args.num_buckets, chat=args.chat, seed=args.seed,
+            progress=not args.no_progress,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    try:
+        examples = runner.load_examples(args.data, args.prompt_field, args.answer_field)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--data: {e}") from e
+    examples = examples[:args.limit]
+    if not os.path.isdir(args.ckpt):
+        raise UsageError(f"--ckpt {args.ckpt!r}: no such directory")
+    try:
+        config, params = convert.load_params_checkpoint(args.ckpt)
+    except ValueError as e:
+        raise UsageError(f"--ckpt {args.ckpt!r}: {e}") from e
+    tokenizer_dir = args.tokenizer or args.ckpt
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    except TokenizerError as e:
+        raise UsageError(f"tokenizer {tokenizer_dir!r}: {e}") from e
+    try:
+        decode_config = decode_config_from_args(args, config, resolve_stop_ids(args, tokenizer, config))
+        result = runner.evaluate(params, config, tokenizer, examples, decode_config, settings)
+    except ValueError as e:  # DecodingArgsError, temperature / n-samples, prompt length
+        raise UsageError(str(e)) from e
+    if args.output:
+        runner.write_jsonl(args.output, result.records)
+    summary_path = _summary_path(args)
+    if summary_path:
+        runner.write_summary(summary_path, result.summary)
+    print(format_summary(result.summary))
+    if not summary_path:
+        print(json.dumps(result.summary))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (UsageError, DecodingArgsError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
