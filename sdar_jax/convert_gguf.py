@@ -26,7 +26,7 @@ import importlib.metadata
 import json
 import os
 import re
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import tokenizers
@@ -178,18 +178,25 @@ def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def dequantized_tensors(reader: Any, config: dict[str, Any]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (Hugging Face name, float32 tensor in HF layout) one at a time."""
+def dequantize(tensor: Any, config: dict[str, Any]) -> np.ndarray:
+    """One GGUF tensor as a float32 array in Hugging Face layout.
+
+    Args:
+      tensor: a `gguf.ReaderTensor` (shape in GGUF order, innermost first).
+      config: the config from `gguf_hf_config` (head counts for q/k).
+
+    Returns:
+      The tensor, shape reversed to [out, in] for matrices, q/k rows un-permuted.
+    """
     gguf = _import_gguf()
-    for tensor in reader.tensors:
-        name = hf_name(tensor.name)
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        values = np.asarray(values, np.float32).reshape([int(n) for n in reversed(tensor.shape)])
-        if name.endswith("self_attn.q_proj.weight"):
-            values = unpermute_rows(values, config["num_attention_heads"])
-        elif name.endswith("self_attn.k_proj.weight"):
-            values = unpermute_rows(values, config["num_key_value_heads"])
-        yield name, values
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    values = np.asarray(values, np.float32).reshape([int(n) for n in reversed(tensor.shape)])
+    name = hf_name(tensor.name)
+    if name.endswith("self_attn.q_proj.weight"):
+        values = unpermute_rows(values, config["num_attention_heads"])
+    elif name.endswith("self_attn.k_proj.weight"):
+        values = unpermute_rows(values, config["num_key_value_heads"])
+    return values
 
 
 def gguf_tokenizer(reader: Any) -> tuple[tokenizers.Tokenizer, dict[str, Any], str | None]:
@@ -280,21 +287,19 @@ def gguf_to_hf(
     config = gguf_hf_config(reader)
     config["torch_dtype"] = dtype
     tokenizer, tokenizer_config, chat_template = gguf_tokenizer(reader)
-    # Names and shapes first (header only), then one dequantised tensor at a time.
-    shapes = [(hf_name(t.name), tuple(int(n) for n in reversed(t.shape))) for t in reader.tensors]
-    stream = dequantized_tensors(reader, config)
-
-    def produce(name: str) -> np.ndarray:
-        got, values = next(stream)
-        if got != name:
-            raise GGUFError(f"tensor order changed while reading: expected {name}, got {got}")
-        return values
+    # Names and shapes from the header; data is dequantised one tensor at a time.
+    by_name = {hf_name(t.name): t for t in reader.tensors}
+    if len(by_name) != len(reader.tensors):
+        raise GGUFError(f"{gguf_path}: two GGUF tensors map to the same Hugging Face name")
+    shapes = [(name, tuple(int(n) for n in reversed(t.shape))) for name, t in by_name.items()]
 
     generation_config = {
         key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if config[key] is not None
     }
     with convert.AtomicDir(out_dir, overwrite) as tmp:
-        convert.write_safetensors(tmp, shapes, produce, dtype, max_shard_bytes)
+        convert.write_safetensors(
+            tmp, shapes, lambda name: dequantize(by_name[name], config), dtype, max_shard_bytes
+        )
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         for file_name, content in (
             ("config.json", config),
