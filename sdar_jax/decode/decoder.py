@@ -118,13 +118,13 @@ class DecodeConfig:
         if any(i < 0 for i in self.stop_ids):
             raise ValueError(f"DecodeConfig.stop_ids must be token ids >= 0, got {self.stop_ids}")
         _check_int("chlg_extra_steps", self.chlg_extra_steps, 1)
-        self.sampling  # validates temperature, top_k, top_p
+        if not self.temperature >= 0.0:
+            raise ValueError(f"DecodeConfig.temperature must be >= 0, got {self.temperature!r}")
+        _check_int("top_k", self.top_k, 0)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"DecodeConfig.top_p must be in (0, 1], got {self.top_p!r}")
         if self.mode == "diffusion" and self.strategy in strategies.STAGED_STRATEGIES:
             self.said_steps_per_stage  # validates the stage split
-
-    @property
-    def sampling(self) -> sampling.SamplingConfig:
-        return sampling.SamplingConfig(self.temperature, self.top_k, self.top_p)
 
     @property
     def said_steps_per_stage(self) -> tuple[int, ...]:
@@ -177,9 +177,10 @@ class _Static(NamedTuple):
     mode: str
     block_length: int
     staged: str | None
-    sampling: sampling.SamplingConfig
+    greedy: bool
+    top_k: int
+    use_top_p: bool
     max_new_tokens: int
-    num_stop_ids: int
     said_stages: int
     said_dynamic: bool
 
@@ -191,13 +192,11 @@ def _split(dc: DecodeConfig) -> tuple[_Static, dict[str, jnp.ndarray]]:
         mode=dc.mode,
         block_length=dc.block_length if dc.mode == "diffusion" else 1,
         staged=dc.strategy if staged else None,
-        # Only the filter structure is static; values come from `knobs`.
-        sampling=sampling.SamplingConfig(
-            temperature=0.0 if dc.sampling.greedy else 1.0, top_k=dc.top_k,
-            top_p=1.0 if dc.top_p == 1.0 else 0.5,
-        ),
+        # Only the filter structure is static; temperature and top-p values are knobs.
+        greedy=dc.temperature == 0.0,
+        top_k=dc.top_k,
+        use_top_p=dc.top_p < 1.0,
         max_new_tokens=dc.max_new_tokens,
-        num_stop_ids=len(dc.stop_ids),
         said_stages=dc.said_stages if staged else 1,
         said_dynamic=dc.said_threshold is not None,
     )
@@ -343,6 +342,13 @@ def _finish(
     )
 
 
+def _propose(static, knobs, logits, keys):
+    return sampling.propose(
+        logits, keys, temperature=None if static.greedy else knobs["temperature"],
+        top_k=static.top_k, top_p=knobs["top_p"] if static.use_top_p else None,
+    )
+
+
 def _select(static, knobs, confidence, entropy, masked, step, stage_done):
     """The strategy's commit mask for one step; updates SAID's per-stage counters."""
     if static.staged is not None:
@@ -414,10 +420,7 @@ def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, conf
             s, block, masked, cache, stage_done, block_forwards, n_committed = inner
             logits, cache = _forward(config, params, block, positions, block_mask, cache)
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(block_keys, s)
-            proposals, confidence, entropy = sampling.propose(
-                logits, None if static.sampling.greedy else step_keys, static.sampling,
-                temperature=knobs["temperature"], top_p=knobs["top_p"],
-            )
+            proposals, confidence, entropy = _propose(static, knobs, logits, step_keys)
             commit, stage_done = _select(static, knobs, confidence, entropy, masked, s, stage_done)
             took_step = masked.any(-1)
             return (
@@ -497,10 +500,7 @@ def _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, sta
         tokens = canvas[rows, last][:, None]
         logits, cache = _forward(config, params, tokens, last[:, None], causal, cache)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
-        proposal, _, _ = sampling.propose(
-            logits, None if static.sampling.greedy else step_keys, static.sampling,
-            temperature=knobs["temperature"], top_p=knobs["top_p"],
-        )
+        proposal, _, _ = _propose(static, knobs, logits, step_keys)
         proposal = proposal[:, 0]
         canvas = canvas.at[rows, last + 1].set(jnp.where(active, proposal, canvas[rows, last + 1]))
         stopped = active & _is_stop(proposal, knobs["stop_ids"])

@@ -12,38 +12,8 @@ block in one step; sdar_jax does not reproduce that.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How a proposal token is drawn.
-
-    Attributes:
-      temperature: 0 for greedy (argmax), otherwise the softmax temperature.
-      top_k: keep the k most likely tokens; 0 disables the filter.
-      top_p: keep the smallest set of tokens whose probability mass reaches
-        top_p (the most likely token is always kept); 1 disables the filter.
-    """
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 def entropy(log_probs: jnp.ndarray) -> jnp.ndarray:
@@ -95,39 +65,44 @@ def filter_top_p(logits: jnp.ndarray, top_p: jnp.ndarray | float) -> jnp.ndarray
 def propose(
     logits: jnp.ndarray,
     keys: jax.Array | None,
-    config: SamplingConfig,
-    temperature: jnp.ndarray | float | None = None,
+    *,
+    temperature: jnp.ndarray | float | None,
+    top_k: int = 0,
     top_p: jnp.ndarray | float | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Proposal token, its confidence and the predictive entropy at every position.
 
+    Which code runs is decided by Python values (static under jit): greedy
+    when `temperature` is None, a top-k filter when `top_k` > 0, a nucleus
+    filter when `top_p` is not None. The temperature and top-p values
+    themselves may be traced, so one compilation serves all of them.
+
     Args:
       logits: [batch, length, vocab] float32.
-      keys: [batch] PRNG keys (one per sequence), or None for greedy decoding.
-      config: the static sampling choice (greedy or not, top_k, top-p on/off).
-      temperature: traced override of config.temperature (so one compilation
-        serves every temperature); None uses config.temperature.
-      top_p: traced override of config.top_p; None uses config.top_p.
+      keys: [batch] PRNG keys (one per sequence); unused (may be None) when greedy.
+      temperature: None for greedy (argmax), else a positive temperature.
+      top_k: static int; keep the k most likely tokens, 0 = off.
+      top_p: None = off, else keep the smallest set of tokens whose mass
+        reaches top_p (the most likely token is always kept).
 
     Returns:
       tokens: [batch, length] int32 proposals.
       confidence: [batch, length] float32, the proposal's probability under
-        the unfiltered predictive distribution.
+        the unfiltered predictive distribution (softmax of logits /
+        temperature; of the logits when greedy).
       entropy: [batch, length] float32, entropy of that full distribution.
     """
     logits = logits.astype(jnp.float32)
-    if config.greedy:
+    if temperature is None:
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
         if keys is None:
-            raise ValueError("propose: sampling with temperature > 0 needs per-sequence keys")
-        temperature = config.temperature if temperature is None else temperature
-        top_p = config.top_p if top_p is None else top_p
+            raise ValueError("propose: sampling with a temperature needs per-sequence keys")
         scaled = logits / temperature
         log_probs = jax.nn.log_softmax(scaled, axis=-1)
-        filtered = filter_top_k(scaled, config.top_k)
-        if config.top_p < 1.0:
+        filtered = filter_top_k(scaled, top_k)
+        if top_p is not None:
             filtered = filter_top_p(filtered, top_p)
         tokens = jax.vmap(lambda key, row: jax.random.categorical(key, row, axis=-1))(
             keys, filtered

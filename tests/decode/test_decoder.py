@@ -184,6 +184,9 @@ def test_prompt_bucket_padding_does_not_change_greedy_tokens(model):
         (dict(steps=5), "steps"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(mode="beam"), "mode"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=-2), "top_k"),
+        (dict(top_p=0.0), "top_p"),
         (dict(strategy="said", said_stages=2, steps=4, said_rec_steps=1), "budget"),
     ],
 )

@@ -20,8 +20,8 @@ def _logits(seed, shape=(3, 5, 40), scale=3.0):
 
 def test_greedy_is_argmax_with_unfiltered_confidence():
     logits = _logits(0)
-    cfg = sampling.SamplingConfig(temperature=0.0, top_k=1)
-    tokens, confidence, entropy = sampling.propose(jnp.asarray(logits), None, cfg)
+    tokens, confidence, entropy = sampling.propose(jnp.asarray(logits), None, temperature=None,
+                                                   top_k=1)
     probs = _softmax(logits)
     np.testing.assert_array_equal(tokens, logits.argmax(-1))
     # Not 1 despite top_k=1: confidence comes from the unfiltered softmax.
@@ -56,10 +56,9 @@ def test_top_p_filter_keeps_smallest_nucleus(top_p):
 
 def test_sampling_follows_the_filtered_distribution():
     logits = np.array([[[2.0, 1.0, 0.5, -1.0, -3.0]]], np.float32)
-    cfg = sampling.SamplingConfig(temperature=0.7, top_k=3, top_p=1.0)
     keys = jax.random.split(jax.random.key(0), 20000)
     tokens, confidence, _ = jax.vmap(
-        lambda key: sampling.propose(jnp.asarray(logits), key[None], cfg)
+        lambda key: sampling.propose(jnp.asarray(logits), key[None], temperature=0.7, top_k=3)
     )(keys)
     counts = np.bincount(np.asarray(tokens).ravel(), minlength=5) / keys.shape[0]
     want = _softmax(logits[0, 0, :3] / 0.7)
@@ -72,15 +71,16 @@ def test_sampling_follows_the_filtered_distribution():
 
 def test_per_row_keys_make_rows_independent():
     logits = jnp.asarray(_logits(3, (2, 4, 40), scale=0.5))
-    cfg = sampling.SamplingConfig(temperature=1.0)
     keys = jax.random.split(jax.random.key(7), 2)
-    both = sampling.propose(logits, keys, cfg)[0]
-    alone = sampling.propose(logits[1:], keys[1:], cfg)[0]
+    both = sampling.propose(logits, keys, temperature=1.0, top_p=0.9)[0]
+    alone = sampling.propose(logits[1:], keys[1:], temperature=1.0, top_p=0.9)[0]
     np.testing.assert_array_equal(both[1:], alone)
 
 
-@pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_k", -1), ("top_p", 0.0),
-                                         ("top_p", 1.5)])
-def test_bad_config_names_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        sampling.SamplingConfig(**{field: value})
+def test_greedy_ignores_keys_and_sampling_needs_them():
+    logits = jnp.asarray(_logits(4))
+    keys = jax.random.split(jax.random.key(0), 3)
+    np.testing.assert_array_equal(sampling.propose(logits, keys, temperature=None)[0],
+                                  sampling.propose(logits, None, temperature=None)[0])
+    with pytest.raises(ValueError, match="keys"):
+        sampling.propose(logits, None, temperature=1.0)
