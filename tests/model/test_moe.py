@@ -84,3 +84,17 @@ def test_decoder_on_expert_mesh_equals_single_device():
     np.testing.assert_allclose(np.asarray(got_out.logits), np.asarray(ref_out.logits), atol=1e-5)
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    """bf16 activations and experts, float32 router: same routing, output within bf16 error."""
+    cfg = get_preset("tiny-moe")
+    x = jax.random.normal(jax.random.key(0), (2, 6, cfg.hidden_size))
+    params = MoeMLP(cfg).init(jax.random.key(1), x)["params"]
+    want, want_stats = MoeMLP(cfg).apply({"params": params}, x)
+    cfg16 = cfg.replace(dtype="bfloat16")
+    got, got_stats = MoeMLP(cfg16).apply({"params": params}, x.astype(jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got_stats.expert_counts), np.asarray(want_stats.expert_counts))
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=2e-2 * scale)
