@@ -121,8 +121,12 @@ def main() -> None:
             grad = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.vdot(fn(q, k, v).astype(jnp.float32),
                                                                     dout.astype(jnp.float32)),
                                     argnums=(0, 1, 2)))
-            results[name] = (_time(fwd, q, k, v, repeats=args.repeats),
-                             _time(grad, q, k, v, repeats=args.repeats))
+            try:
+                results[name] = (_time(fwd, q, k, v, repeats=args.repeats),
+                                 _time(grad, q, k, v, repeats=args.repeats))
+            except Exception as error:  # noqa: BLE001 - report the method that cannot run, keep the rest
+                print(f"{length:>6} {q.shape[1]:>6} {'':>6} {name:>7} failed: {type(error).__name__}: "
+                      f"{str(error).splitlines()[0][:120]}")
         base = results.get("xla")
         for name, (t_fwd, t_both) in results.items():
             ratio_fwd = f"{base[0] / t_fwd:6.2f}" if base else "     -"

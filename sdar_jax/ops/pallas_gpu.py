@@ -53,10 +53,10 @@ class BlockSizes:
       num_stages: Triton software-pipelining stages.
     """
 
-    block_q: int = 64
+    block_q: int = 128
     block_k: int = 64
-    block_q_bwd: int = 32
-    block_k_bwd: int = 32
+    block_q_bwd: int = 64
+    block_k_bwd: int = 64
     num_warps: int | None = None
     num_stages: int = 2
 
@@ -323,15 +323,13 @@ def _prepare(st: _Static, q, k, v, q_positions, kv_positions, q_segment_ids, kv_
     return qf, k, v, (qpos, qseg, kpos, kseg), (rpos, rseg)
 
 
-def _table(st: _Static, meta, block_q: int, block_k: int, transpose: bool = False):
+def _nonempty(st: _Static, meta, block_q: int, block_k: int) -> jnp.ndarray:
+    """[batch, row tiles, key tiles] bool for row tiles of block_q folded rows."""
     qpos, qseg, kpos, kseg = meta
-    nonempty = tiles.tile_mask(
+    return tiles.tile_mask(
         st.spec, qpos, kpos, qseg, kseg,
         block_q=block_q // st.groups, block_k=block_k, noisy_len=st.noisy_len,
     )
-    if transpose:
-        nonempty = jnp.swapaxes(nonempty, 1, 2)
-    return tiles.compact(nonempty)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -344,7 +342,7 @@ def _flash_fwd(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment
     qf, kp, vp, meta, (rpos, rseg) = _prepare(
         st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids
     )
-    table = _table(st, meta, st.blocks.block_q, st.blocks.block_k)
+    table = tiles.compact(_nonempty(st, meta, st.blocks.block_q, st.blocks.block_k))
     of, lse = _fwd_call(st, qf, kp, vp, rpos, rseg, meta[2], meta[3], *table)
     out = tiles.unfold_heads(of, of.shape[2] // st.groups)[:, :q_len]
     residuals = (q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, of, lse)
@@ -360,8 +358,9 @@ def _flash_bwd(st, residuals, dout):
     dof = tiles.fold_heads(tiles.pad_axis(dout, 1, qf.shape[2] // st.groups, 0), kv_heads)
     delta = jnp.sum(of.astype(jnp.float32) * dof.astype(jnp.float32), axis=-1)
     bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
-    table = _table(st, meta, bq, bk)
-    table_t = _table(st, meta, bq, bk, transpose=True)
+    nonempty = _nonempty(st, meta, bq, bk)
+    table = tiles.compact(nonempty)  # key tiles per row tile (dQ)
+    table_t = tiles.compact(jnp.swapaxes(nonempty, 1, 2))  # row tiles per key tile (dK/dV)
     dqf, dk, dv = _bwd_calls(st, qf, kp, vp, dof, lse, delta, rpos, rseg, meta[2], meta[3], table, table_t)
     dq = tiles.unfold_heads(dqf, qf.shape[2] // st.groups)[:, :q_len]
     return dq, dk[:, :kv_len], dv[:, :kv_len], None, None, None, None

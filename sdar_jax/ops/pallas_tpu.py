@@ -51,18 +51,22 @@ class IndexMask(splash_mask._ComputableMask):  # noqa: SLF001 - the documented e
         self.spec = spec
         self.noisy_len = noisy_len
 
-        def mask_function(q_ids, kv_ids):
-            on_host = isinstance(q_ids, np.ndarray)
-            xp = np if on_host else jnp
+        def in_kernel(q_ids, kv_ids):
             if spec.kind == "block_diffusion":
-                q_pos = xp.where(q_ids < noisy_len, q_ids, q_ids - noisy_len)
-                k_pos = xp.where(kv_ids < noisy_len, kv_ids, kv_ids - noisy_len)
+                q_pos = jnp.where(q_ids < noisy_len, q_ids, q_ids - noisy_len)
+                k_pos = jnp.where(kv_ids < noisy_len, kv_ids, kv_ids - noisy_len)
             else:
                 q_pos, k_pos = q_ids, kv_ids
-            allowed = masks.mask_fn(
+            return masks.mask_fn(
                 spec, q_ids, kv_ids, q_pos, k_pos, q_ids * 0, kv_ids * 0, noisy_len=noisy_len
             )
-            return np.asarray(allowed, bool) if on_host else allowed
+
+        def mask_function(q_ids, kv_ids):
+            if isinstance(q_ids, np.ndarray):
+                # Host side (sparsity tables), possibly while a jit is tracing: evaluate eagerly.
+                with jax.ensure_compile_time_eval():
+                    return np.asarray(in_kernel(q_ids, kv_ids), bool)
+            return in_kernel(q_ids, kv_ids)
 
         super().__init__(shape=(length, length), mask_function=mask_function)
 

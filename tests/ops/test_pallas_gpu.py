@@ -76,3 +76,33 @@ def test_flash_rejects_block_not_multiple_of_group():
     with pytest.raises(ValueError, match="block_q"):
         pallas_gpu.flash_attention(q, k, v, mask=masks.causal(), q_positions=pos, kv_positions=pos,
                                    block_sizes=pallas_gpu.BlockSizes(4, 16, 16, 16), interpret=True)
+
+
+def test_triton_lowering_of_forward_backward_and_decode():
+    """The kernels lower to Triton for CUDA (done in Python, no GPU needed): catches ops and
+    tile shapes Triton cannot take, which interpret mode accepts."""
+    import jax
+
+    from sdar_jax.ops import pallas_decode
+
+    bf16, i32 = jnp.bfloat16, jnp.int32
+    q = jax.ShapeDtypeStruct((1, 256, 8, 64), bf16)
+    k = jax.ShapeDtypeStruct((1, 256, 2, 64), bf16)
+    pos = jax.ShapeDtypeStruct((1, 256), i32)
+
+    def loss(q, k, v, pos):
+        out = pallas_gpu.flash_attention(q, k, v, mask=masks.block_diffusion(4), q_positions=pos,
+                                         kv_positions=pos, q_segment_ids=pos, kv_segment_ids=pos)
+        return out.astype(jnp.float32).sum()
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, pos).lower(lowering_platforms=("cuda",))
+    assert grad.as_text().count("triton") >= 3  # forward, dQ and dK/dV kernels
+
+    def decode(q, k, v, q_pos, kv_pos):
+        return pallas_decode.decode_attention(q, k, v, mask=masks.block_causal(4), q_positions=q_pos,
+                                              kv_positions=kv_pos, backend="gpu")
+
+    lowered = jax.jit(decode).trace(
+        jax.ShapeDtypeStruct((2, 4, 8, 64), bf16), k, k, jax.ShapeDtypeStruct((2, 4), i32),
+        jax.ShapeDtypeStruct((2, 256), i32)).lower(lowering_platforms=("cuda",))
+    assert "triton" in lowered.as_text()
