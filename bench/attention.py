@@ -9,6 +9,7 @@ Time is the median over repeats; TFLOP/s counts only unmasked work
 
 Accelerator:   python bench/attention.py --seq 2048 4096 8192
 CPU smoke run: python bench/attention.py --interpret --seq 128 --heads 4 --kv-heads 2 --head-dim 64
+Decode step:   python bench/attention.py --decode --batch 8 --seq 4096 16384
 (--seq is the example length L; block_diffusion attends over the 2L row [xt; x0].)
 """
 
@@ -73,6 +74,36 @@ def _methods(args, kw):
     return {"pallas": pallas, "xla": xla, "jax.nn": nn_dpa}, dense
 
 
+def _decode(args) -> None:
+    """One decoding step: B queries per row against a cache of max_len = --seq, rows at
+    ragged positions (visible prefixes spread uniformly); forward only. GB/s counts the
+    K/V bytes of each row's visible prefix, the traffic a perfect kernel cannot avoid."""
+    print(f"{'cache':>6} {'method':>7} {'ms':>9} {'GB/s':>8} {'x':>6}")
+    dtype = jnp.dtype(args.dtype)
+    for max_len in args.seq:
+        block = args.block_size
+        starts = (jnp.arange(args.batch) * (max_len // block) // max(args.batch, 1)) * block
+        starts = starts.at[-1].set(max_len - block)
+        q_pos = (starts[:, None] + jnp.arange(block)[None]).astype(jnp.int32)
+        kv_pos = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (args.batch, max_len))
+        keys = jax.random.split(jax.random.PRNGKey(0), 3)
+        q = jax.random.normal(keys[0], (args.batch, block, args.heads, args.head_dim), dtype)
+        k = jax.random.normal(keys[1], (args.batch, max_len, args.kv_heads, args.head_dim), dtype)
+        v = jax.random.normal(keys[2], k.shape, dtype)
+        kw = dict(mask=masks.block_causal(block), q_positions=q_pos, kv_positions=kv_pos)
+        visible_bytes = 2 * float((starts + block).sum()) * args.kv_heads * args.head_dim * dtype.itemsize
+        methods = {
+            "pallas": lambda q, k, v: pallas_attention.pallas_attention(
+                q, k, v, **kw, backend=args.backend, interpret=args.interpret or None),
+            "xla": lambda q, k, v: attention.attention(q, k, v, **kw, impl="xla"),
+        }
+        times = {name: _time(jax.jit(fn), q, k, v, repeats=args.repeats)
+                 for name, fn in methods.items() if name not in args.skip}
+        for name, t in times.items():
+            ratio = f"{times['xla'] / t:6.2f}" if "xla" in times else "     -"
+            print(f"{max_len:>6} {name:>7} {1e3 * t:>9.3f} {visible_bytes / t / 1e9:>8.1f} {ratio}")
+
+
 def _time(fn, *xs, repeats: int) -> float:
     jax.block_until_ready(fn(*xs))  # compile and warm up
     samples = []
@@ -99,11 +130,18 @@ def main() -> None:
                         help="kernel lowering (default: the JAX backend's; gpu when on CPU)")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke runs)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["pallas", "xla", "jax.nn"])
+    parser.add_argument("--decode", action="store_true",
+                        help="time one decoding step against a KV cache of --seq slots instead")
     args = parser.parse_args()
 
     device = jax.devices()[0]
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  device: {device.device_kind} "
           f"({jax.default_backend()})  jax {jax.__version__}  commit {_commit()}  interpret={args.interpret}")
+    if args.decode:
+        print(f"# decode: batch={args.batch} block={args.block_size} heads={args.heads}/{args.kv_heads} "
+              f"head_dim={args.head_dim} dtype={args.dtype}")
+        _decode(args)
+        return
     print(f"# mask={args.mask} B={args.block_size} segments={args.segments} batch={args.batch} "
           f"heads={args.heads}/{args.kv_heads} head_dim={args.head_dim} dtype={args.dtype}")
     header = f"{'L':>6} {'row':>6} {'dense%':>6} {'method':>7} {'fwd ms':>9} {'TFLOP/s':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'fwd x':>6} {'f+b x':>6}"
