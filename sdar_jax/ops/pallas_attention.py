@@ -23,6 +23,24 @@ from sdar_jax.ops import masks, pallas_decode, pallas_gpu
 BACKENDS = ("gpu", "tpu")
 
 
+def _check_metadata(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids) -> None:
+    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    expected = {"q_positions": (batch, q_len), "kv_positions": (batch, kv_len),
+                "q_segment_ids": (batch, q_len), "kv_segment_ids": (batch, kv_len)}
+    given = {"q_positions": q_positions, "kv_positions": kv_positions,
+             "q_segment_ids": q_segment_ids, "kv_segment_ids": kv_segment_ids}
+    for name, array in given.items():
+        if array is None:
+            continue
+        if tuple(array.shape) != expected[name] or not jnp.issubdtype(array.dtype, jnp.integer):
+            raise ValueError(
+                f"pallas_attention: {name} must be an integer array of shape {expected[name]} "
+                f"[batch, len], got {array.dtype}{tuple(array.shape)}"
+            )
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("pallas_attention: give both q_segment_ids and kv_segment_ids, or neither")
+
+
 def pallas_attention(
     q: jnp.ndarray,
     k: jnp.ndarray,
@@ -47,6 +65,7 @@ def pallas_attention(
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype.
     """
+    _check_metadata(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
     platform = jax.default_backend()
     if backend is None:
         backend = platform if platform in BACKENDS else "gpu"

@@ -102,3 +102,14 @@ def test_mosaic_lowering_of_splash_and_cache_kernels(monkeypatch):
         jax.ShapeDtypeStruct((2, 1024, 2, 128), bf16), jax.ShapeDtypeStruct((2, 4), i32),
         jax.ShapeDtypeStruct((2, 1024), i32)).lower(lowering_platforms=("tpu",))
     assert "tpu_custom_call" in lowered.as_text()
+
+
+def test_pallas_impl_names_bad_metadata():
+    q, k, v, _ = cases.qkv(0, 2, 8, 8, 2, 2, 16, jnp.float32)
+    pos = jnp.zeros((2, 8), jnp.int32)
+    with pytest.raises(ValueError, match=r"kv_positions .*\(2, 8\)"):
+        attention.attention(q, k, v, mask=masks.causal(), q_positions=pos, kv_positions=pos[:, :4],
+                            impl="pallas")
+    with pytest.raises(ValueError, match="both q_segment_ids and kv_segment_ids"):
+        attention.attention(q, k, v, mask=masks.causal(), q_positions=pos, kv_positions=pos,
+                            q_segment_ids=pos, impl="pallas")
