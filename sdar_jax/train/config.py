@@ -270,7 +270,8 @@ def workdir(config: ml_collections.ConfigDict) -> str:
 # ---------------------------------------------------------------------------
 # The paper-scale recipe (configs/sdar_*.py)
 
-SDAR_MASK_TOKEN_ID = 151669  # `<|MASK|>` of the SDAR tokenizer (reference/sdar-tokenizer)
+# `<|MASK|>` of the SDAR tokenizer, as the released SDAR configs say.
+SDAR_MASK_TOKEN_ID = model_config_lib.get_preset("sdar-1.7b").mask_token_id
 SDAR_STAGES = ("pretrain", "sft")
 # Spec §2: ~50B tokens of continued pretraining (whole sequence noised), then
 # ~4B tokens of SFT (prompt kept clean), block size 4.

@@ -16,6 +16,9 @@ import pytest
 from train_synthetic import synthetic_iterator, tiny_config
 
 from sdar_jax import checkpoint as checkpoint_lib
+from sdar_jax.config import to_hf_config
+from sdar_jax.convert import load_params_checkpoint, save_params_checkpoint
+from sdar_jax.model import transformer
 from sdar_jax.train import loop
 from sdar_jax.train import optimizer
 from sdar_jax.train import config as run_config
@@ -96,6 +99,23 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         state, step = ckpt.restore(abstract, synthetic_iterator())
     assert step == 4 and int(state.step) == 4
     assert all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(state.params))
+
+
+def test_init_from_a_params_checkpoint_and_export(tmp_path):
+    """train.init_from loads converted params; step 1 has learning rate 0 (warmup
+    from 0, decoupled decay scaled by it), so the export equals them exactly."""
+    config = _config(tmp_path / "run", 1)
+    model = run_config.model_config(config)
+    params = transformer.init_params(model, jax.random.key(42))
+    save_params_checkpoint(tmp_path / "init", model, params)
+    config.train.init_from = str(tmp_path / "init")
+    config.model.preset = None  # the architecture comes from init_from's config.json
+    config.train.export = True
+    result = _run(config)
+    assert result.step == 1 and result.history[0]["learning_rate"] == 0.0
+    exported_config, exported = load_params_checkpoint(result.export_dir)
+    assert to_hf_config(exported_config) == to_hf_config(model)
+    jax.tree.map(np.testing.assert_array_equal, exported, params)
 
 
 _CHILD = textwrap.dedent("""
