@@ -244,11 +244,14 @@ def run(args: argparse.Namespace) -> int:
     prompts = _encode(items, tokenizer, args.chat, config.vocab_size)
     dc = _decode_config(args, config, _stop_ids(args, tokenizer, config))
     longest = max(map(len, prompts))
-    needed = longest + dc.max_new_tokens
-    if needed > config.max_position_embeddings:
+    positions = config.max_position_embeddings
+    if dc.mode == "diffusion":  # the canvas is whole blocks
+        positions = positions // dc.block_length * dc.block_length
+    max_prompt = positions - dc.max_new_tokens
+    if longest > max_prompt:
         raise UsageError(
-            f"prompt length {longest} + --max-new-tokens {dc.max_new_tokens} = {needed} exceeds the "
-            f"model's max_position_embeddings {config.max_position_embeddings}"
+            f"prompt length {longest} + --max-new-tokens {dc.max_new_tokens} needs more than the "
+            f"model's {config.max_position_embeddings} positions (max_position_embeddings)"
         )
     stream = None
     if len(prompts) == 1 and tokenizer is not None and args.output is None:
@@ -260,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     start_time = time.perf_counter()
     for first in range(0, len(prompts), args.batch_size):
         chunk = prompts[first : first + args.batch_size]
-        width = min(_bucket(max(map(len, chunk))), config.max_position_embeddings - dc.max_new_tokens)
+        width = min(_bucket(max(map(len, chunk))), max_prompt)
         tokens = np.zeros((len(chunk), width), np.int32)
         for i, ids in enumerate(chunk):
             tokens[i, : len(ids)] = ids
