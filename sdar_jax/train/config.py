@@ -233,6 +233,10 @@ def validate(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
             f"data.global_batch_size ({data.global_batch_size}) must be divisible by "
             f"optimizer.grad_accum_steps ({opt.grad_accum_steps})"
         )
+    if opt.clip_norm <= 0 or opt.peak_lr <= 0:
+        raise RunConfigError(
+            f"optimizer.clip_norm ({opt.clip_norm}) and optimizer.peak_lr ({opt.peak_lr}) must be positive"
+        )
     if not 0.0 <= opt.end_lr_ratio <= 1.0:
         raise RunConfigError(f"optimizer.end_lr_ratio must lie in [0, 1], got {opt.end_lr_ratio}")
     if opt.warmup_steps < 0:

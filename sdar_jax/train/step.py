@@ -74,14 +74,21 @@ def _num_predicted(metrics: Metrics) -> jax.Array:
 
 
 def _split_micro_batches(batch: Batch, num_micro: int) -> Batch:
-    """[global_batch, ...] -> [num_micro, global_batch / num_micro, ...] for every array."""
+    """[global_batch, ...] -> [num_micro, global_batch / num_micro, ...] for every array.
+
+    Micro-batch i holds rows i, i + num_micro, i + 2 * num_micro, ...: with the
+    batch sharded in contiguous row blocks, every micro-batch then spans all
+    the devices the batch does (a contiguous split would put each micro-batch
+    on a fraction of them).
+    """
 
     def split(x: jax.Array) -> jax.Array:
         if x.shape[0] % num_micro:
             raise ValueError(
                 f"batch size {x.shape[0]} is not divisible by grad_accum_steps {num_micro}"
             )
-        return x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:])
+        rows = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:])
+        return jnp.swapaxes(rows, 0, 1)
 
     return {k: split(jnp.asarray(v)) for k, v in batch.items()}
 

@@ -24,6 +24,14 @@ def _setup(config):
     return model, tx, schedule, state
 
 
+def test_micro_batches_interleave_rows():
+    batch = {"tokens": np.arange(12 * 3).reshape(12, 3)}
+    micro = step._split_micro_batches(batch, 3)["tokens"]
+    assert micro.shape == (3, 4, 3)
+    for i in range(3):
+        np.testing.assert_array_equal(micro[i], batch["tokens"][i::3])
+
+
 def test_grad_accumulation_equals_one_shot_update():
     """AR objective (no noise): 4 micro-batches of 2 rows == one batch of 8 rows."""
     batch = next(synthetic_iterator(batch_size=8))
