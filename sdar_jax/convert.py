@@ -632,10 +632,50 @@ def save_params_checkpoint(
     """
     _check_param_shapes(config, params, "save_params_checkpoint")
     config = config.replace(param_dtype=_params_dtype(params))
+    if jax.process_count() > 1:
+        _save_params_multihost(out_dir, config, params, overwrite, aux_dir)
+        return
     with AtomicDir(out_dir, overwrite) as tmp:
         _write_params(tmp, config, params)
         if aux_dir is not None:
             copy_aux_files(os.fspath(aux_dir), tmp)
+
+
+def _save_params_multihost(
+    out_dir: str | os.PathLike, config: ModelConfig, params: Mapping, overwrite: bool,
+    aux_dir: str | os.PathLike | None,
+) -> None:
+    """`save_params_checkpoint` when several processes hold the params' shards.
+
+    Every process must write into the same directory (orbax saves each
+    process's shards and waits for all of them), so the temporary directory
+    has a fixed name; process 0 creates it, writes config.json and the aux
+    files, and renames it once every process's shards are written.
+    """
+    from jax.experimental import multihost_utils
+
+    target = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(target) and not overwrite:  # checked on every process: all raise together
+        raise ConversionError(f"{target}: already exists (choose a new output directory)")
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-multihost")
+    primary = jax.process_index() == 0
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        _write_config(tmp, config)
+        if aux_dir is not None:
+            copy_aux_files(os.fspath(aux_dir), tmp)
+    multihost_utils.sync_global_devices(f"save_params_checkpoint {target}: directory made")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(tmp, PARAMS_SUBDIR), params)
+        ckptr.wait_until_finished()
+    multihost_utils.sync_global_devices(f"save_params_checkpoint {target}: params written")
+    if primary:
+        os.chmod(tmp, 0o755)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    multihost_utils.sync_global_devices(f"save_params_checkpoint {target}: renamed")
 
 
 def load_params_checkpoint(

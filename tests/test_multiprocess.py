@@ -24,9 +24,11 @@ import pytest
 
 from sdar_jax import distributed, parallel
 from sdar_jax.distributed import DistributedConfig, DistributedConfigError, DistributedPlan
+from sdar_jax.convert import load_params_checkpoint
+from sdar_jax.model import transformer
 from sdar_jax.train import config as run_config
 from sdar_jax.train import optimizer
-from sdar_jax.train.state import abstract_train_state, create_train_state
+from sdar_jax.train.state import abstract_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER_TIMEOUT_S = 420
@@ -216,16 +218,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_workers(out_dir, mesh: str, num_processes: int = 2) -> list[dict]:
+def _run_workers(workdir, mesh: str, num_processes: int = 2) -> list[dict]:
     """Starts the workers, waits (bounded) and always reaps them."""
     coordinator = f"127.0.0.1:{_free_port()}"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    logs = [open(out_dir / f"worker_{i}.log", "w") for i in range(num_processes)]
+    logs = [open(workdir.parent / f"{workdir.name}_worker_{i}.log", "w") for i in range(num_processes)]
     procs = [
         subprocess.Popen(
             [sys.executable, os.path.join(REPO, "tests", "multiprocess_worker.py"),
              "--coordinator", coordinator, "--num-processes", str(num_processes), "--process-id", str(i),
-             "--devices", "4", "--mesh", mesh, "--out", str(out_dir)],
+             "--devices", "4", "--mesh", mesh, "--workdir", str(workdir)],
             cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT,
         )
         for i in range(num_processes)
@@ -241,68 +243,82 @@ def _run_workers(out_dir, mesh: str, num_processes: int = 2) -> list[dict]:
                 p.wait()
         for log in logs:
             log.close()
-    tails = "\n".join(f"--- worker {i} ---\n" + (out_dir / f"worker_{i}.log").read_text()[-3000:]
-                      for i in range(num_processes))
+    tails = "\n".join(f"--- worker {i} ---\n" + log.name + "\n" + open(log.name).read()[-4000:]
+                      for i, log in enumerate(logs))
     assert codes == [0] * num_processes, f"workers failed or timed out (exit codes {codes}):\n{tails}"
-    return [json.loads((out_dir / f"result_{i}.json").read_text()) for i in range(num_processes)]
+    return [json.loads((workdir / f"result_{i}.json").read_text()) for i in range(num_processes)]
 
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("two_process")
-    return out_dir, _run_workers(out_dir, "data=2,fsdp=2,tensor=2")
+    workdir = tmp_path_factory.mktemp("multiprocess") / "two_process"
+    workdir.mkdir()
+    return workdir, _run_workers(workdir, "data=2,fsdp=2,tensor=2")
 
 
-def test_two_processes_train_like_one(two_process_run):
+@pytest.fixture(scope="module")
+def other_mesh():
+    """The one-process mesh the two-process outputs are restored onto."""
+    layout = parallel.ParallelConfig(data=1, fsdp=4, tensor=2)
+    return layout, parallel.make_mesh(layout)
+
+
+def _model_and_tx():
     import multiprocess_worker as worker
 
-    out_dir, results = two_process_run
+    config = worker.make_config("unused", {})
+    return run_config.model_config(config), optimizer.make_optimizer(config.optimizer, config.train.steps)
+
+
+def test_two_processes_train_like_one(two_process_run, other_mesh, tmp_path):
+    import multiprocess_worker as worker
+
+    workdir, results = two_process_run
     for result in results:
         assert (result["process_count"], result["device_count"], result["local_device_count"]) == (2, 8, 4)
-    assert results[0]["losses"] == results[1]["losses"]
+        assert result["step"] == worker.STEPS
+    metrics = [[{k: v for k, v in m.items() if k != "tokens_per_s"} for m in r["history"]] for r in results]
+    assert metrics[0] == metrics[1]  # every process reports the same (replicated) metrics
 
-    layout = parallel.ParallelConfig(data=1)
-    ref_losses, ref_state, _ = worker.train_steps(layout, jax.devices()[:1])
-    np.testing.assert_allclose(results[0]["losses"], ref_losses, rtol=2e-5)
-    assert int(ref_state.step) == 3
+    reference = worker.run(str(tmp_path / "one_device"), {"data": 1}, jax.devices()[:1])
+    for key in ("loss", "grad_norm", "accuracy", "aux_loss", "num_loss_tokens"):
+        np.testing.assert_allclose(
+            [m[key] for m in results[0]["history"]], [m[key] for m in reference.history], rtol=2e-5, err_msg=key
+        )
 
-    # The steps did move the weights (Adam: about lr = 1e-3 per step).
-    config = worker.run_config_for_test()
-    model = run_config.model_config(config)
-    tx = optimizer.make_optimizer(config.optimizer, config.train.steps)
-    initial = jax.jit(lambda r: create_train_state(model, tx, r))(jax.random.key(0)).params
-    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), ref_state.params, initial)
+    # The params both processes exported, read by one process onto another mesh.
+    model, _ = _model_and_tx()
+    layout, mesh = other_mesh
+    shardings = parallel.param_shardings(model, layout, mesh)
+    _, got = load_params_checkpoint(results[0]["export_dir"], shardings=shardings)
+    _, want = load_params_checkpoint(reference.export_dir)
+    q = got["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    # Adam moves each weight ~lr = 1e-3 per step: agree to a thousandth of a step.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6), got, want)
+
+    # The steps did move the weights.
+    initial = transformer.init_params(model, jax.random.split(jax.random.key(0))[0])
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), want, initial)
     assert min(jax.tree.leaves(moved)) > 1e-4
 
-    got = dict(np.load(out_dir / "params_0.npz"))
-    flat = jax.tree_util.tree_flatten_with_path(ref_state.params)[0]
-    assert sorted(got) == sorted(jax.tree_util.keystr(p) for p, _ in flat)
-    for path, ref in flat:
-        # Adam moves each weight ~lr = 1e-3 per step: agree to a thousandth of a step.
-        np.testing.assert_allclose(got[jax.tree_util.keystr(path)], ref, rtol=0, atol=1e-6,
-                                   err_msg=jax.tree_util.keystr(path))
 
-
-def test_two_process_checkpoint_restores_on_another_mesh(two_process_run):
-    import multiprocess_worker as worker
-
-    out_dir, _ = two_process_run
-    config = worker.run_config_for_test()
-    model = run_config.model_config(config)
-    tx = optimizer.make_optimizer(config.optimizer, config.train.steps)
-    layout = parallel.ParallelConfig(data=1, fsdp=4, tensor=2)
-    mesh = parallel.make_mesh(layout)
+def test_two_process_checkpoint_restores_on_another_mesh(two_process_run, other_mesh):
+    workdir, results = two_process_run
+    model, tx = _model_and_tx()
+    layout, mesh = other_mesh
     abstract = abstract_train_state(model, tx)
     shardings = parallel.state_shardings(abstract, model, layout, mesh)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-    restored = ocp.StandardCheckpointer().restore(out_dir / "checkpoint", target)
+    step_dir = workdir / "checkpoints" / str(results[0]["step"])
+    restored = ocp.StandardCheckpointer().restore(step_dir / "state", target)
 
-    assert int(restored.step) == config.train.steps
-    got = dict(np.load(out_dir / "params_0.npz"))
-    for path, leaf in jax.tree_util.tree_flatten_with_path(restored.params)[0]:
-        np.testing.assert_array_equal(np.asarray(leaf), got[jax.tree_util.keystr(path)])
-    q = restored.params["layers"]["self_attn"]["q_proj"]["kernel"]
-    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-    mu = restored.opt_state
-    assert any(getattr(leaf, "sharding", None) is not None and leaf.sharding.spec == q.sharding.spec
-               and leaf.shape == q.shape for leaf in jax.tree.leaves(mu))
+    assert int(restored.step) == results[0]["step"]
+    _, exported = load_params_checkpoint(results[0]["export_dir"])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored.params, exported)
+    q_spec = jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert restored.params["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec == q_spec
+    adam = [s for s in jax.tree.leaves(restored.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
+    assert adam and adam[0].mu["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec == q_spec
+    # Each process saved its own data-iterator position.
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir / "data"))
