@@ -14,8 +14,10 @@ Diffusion mode (SDAR checkpoints), per row r with prompt length P_r:
   * each step runs the block's B tokens against the cache (block-causal mask:
     the past and the block itself), proposes a token per position and lets the
     strategy commit some still-masked ones; the loop ends when no row has a
-    masked position left; a final pass writes the finished block's keys and
-    values into the cache;
+    masked position left; the finished block's keys and values are written
+    into the cache by the next block's first forward, which runs
+    [finished block ; new block] (2B tokens) instead of spec §3.3's separate
+    pass (same cache contents, one forward less per block);
   * after each block, a row whose generated part holds a stop id is finished
     and frozen; so is a row whose canvas (ceil((P_r + G) / B) blocks) is full.
 AR mode (plain Qwen3 checkpoints): next-token prediction with the causal mask
@@ -310,13 +312,15 @@ def _generate(params, prompt_tokens, prompt_lengths, keys, knobs, *, config, sta
     )
 
 
-def _forward(config, params, tokens, positions, mask, cache, logits: bool = True):
-    """One cached model call; returns (logits [batch, len, vocab] or None, cache)."""
+def _forward(config, params, tokens, positions, mask, cache, logits_slice=None):
+    """One cached model call; returns (logits [batch, len', vocab] float32, cache).
+
+    `logits_slice` (start, stop) computes the head only there; (0, 0) skips it.
+    """
     out = transformer.apply(
-        config, params, tokens, positions, mask=mask, cache=cache,
-        logits_slice=None if logits else (0, 0),
+        config, params, tokens, positions, mask=mask, cache=cache, logits_slice=logits_slice
     )
-    return (out.logits if logits else None), out.cache
+    return out.logits, out.cache
 
 
 def _is_stop(tokens: jnp.ndarray, stop_ids: jnp.ndarray) -> jnp.ndarray:
@@ -399,7 +403,7 @@ def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, conf
         # mask hides later slots.
         prefill_pos = jnp.broadcast_to(pos[:prefill_len], (batch, prefill_len))
         _, cache = _forward(
-            config, params, canvas[:, :prefill_len], prefill_pos, block_mask, cache, logits=False
+            config, params, canvas[:, :prefill_len], prefill_pos, block_mask, cache, (0, 0)
         )
 
     def block_body(state):
@@ -411,6 +415,20 @@ def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, conf
         masked0 = active[:, None] & (positions >= prompt_lengths[:, None])
         block = jnp.where(masked0, mask_id, block)
         block_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, k)
+        previous_positions = jnp.maximum(positions - b, 0)
+        previous_block = jnp.take_along_axis(canvas, previous_positions, axis=1)
+
+        def denoise(block, cache):
+            return _forward(config, params, block, positions, block_mask, cache)
+
+        def commit_previous_and_denoise(block, cache):
+            # [previous block ; this block] in one call. The previous (finished)
+            # block's queries see exactly what a separate commit pass would show
+            # them (the past and their own block), so its keys and values are the
+            # ones spec §3.3's extra pass writes; this block then attends to them.
+            tokens = jnp.concatenate([previous_block, block], axis=1)
+            both = jnp.concatenate([previous_positions, positions], axis=1)
+            return _forward(config, params, tokens, both, block_mask, cache, (b, 2 * b))
 
         def step_cond(inner):
             s, _, masked, *_ = inner
@@ -418,7 +436,9 @@ def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, conf
 
         def step_body(inner):
             s, block, masked, cache, stage_done, block_forwards, n_committed = inner
-            logits, cache = _forward(config, params, block, positions, block_mask, cache)
+            logits, cache = jax.lax.cond(
+                (s == 0) & (k > 0), commit_previous_and_denoise, denoise, block, cache
+            )
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(block_keys, s)
             proposals, confidence, entropy = _propose(static, knobs, logits, step_keys)
             commit, stage_done = _select(static, knobs, confidence, entropy, masked, s, stage_done)
@@ -441,7 +461,6 @@ def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, conf
         s, block, _, cache, _, block_forwards, n_committed = jax.lax.while_loop(
             step_cond, step_body, inner
         )
-        _, cache = _forward(config, params, block, positions, block_mask, cache, logits=False)
         rows = jnp.arange(batch)[:, None]
         canvas = canvas.at[rows, positions].set(block)
         generated = (positions >= prompt_lengths[:, None]) & (
@@ -489,7 +508,9 @@ def _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, sta
     if prefill_len:
         # Positions at or past a row's last prompt token are rewritten before use.
         prefill_pos = jnp.broadcast_to(pos[:prefill_len], (batch, prefill_len))
-        _, cache = _forward(config, params, canvas[:, :prefill_len], prefill_pos, causal, cache, False)
+        _, cache = _forward(
+            config, params, canvas[:, :prefill_len], prefill_pos, causal, cache, (0, 0)
+        )
 
     rows = jnp.arange(batch)
 
