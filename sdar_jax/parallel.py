@@ -391,6 +391,32 @@ def cache_shardings(cache: transformer.KVCache, parallel_config: ParallelConfig,
     return transformer.KVCache(k=one(cache.k, "k"), v=one(cache.v, "v"))
 
 
+def constrain_cache(
+    cache: transformer.KVCache, parallel_config: ParallelConfig | None = None
+) -> transformer.KVCache:
+    """Pins a KV cache made inside a jitted function to its rule-derived sharding.
+
+    Uses the mesh set with `jax.set_mesh`; without one (or on one device) the
+    cache is returned unchanged, so single-device decoding is unaffected.
+
+    Args:
+      cache: k, v [layers, batch, max_len, kv_heads, head_dim] (traced).
+      parallel_config: the rules to apply; None uses the default rules.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return cache
+    missing = [axis for axis in MESH_AXES if axis not in mesh.axis_names]
+    if missing:
+        raise ParallelConfigError(
+            f"constrain_cache: the current mesh has axes {mesh.axis_names}; expected {MESH_AXES} "
+            "(build it with sdar_jax.parallel.make_mesh)"
+        )
+    rules = (parallel_config or ParallelConfig()).rules
+    spec = logical_to_mesh_spec(CACHE_LOGICAL_AXES, cache.k.shape, rules, dict(mesh.shape), where="cache")
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), cache)
+
+
 def process_batch_slice(sharding: NamedSharding, global_batch: int) -> slice:
     """The rows of the global batch this process must load for `sharding`.
 

@@ -297,3 +297,39 @@ def test_sharded_train_step_equals_single_device(references, preset, pconfig, ex
     for (path, g), ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(g, ref, rtol=1e-4, atol=3e-7, err_msg=jax.tree_util.keystr(path))
     assert _by_name(specs) == expected
+
+
+# ---------------------------------------------------------------------------
+# Decoding on a mesh
+
+
+def test_constrain_cache_pins_the_cache_under_a_mesh():
+    config = get_preset("tiny")
+    pconfig = ParallelConfig(data=2, fsdp=2, tensor=2)
+    mesh = parallel.make_mesh(pconfig)
+    make = jax.jit(lambda: parallel.constrain_cache(transformer.init_cache(config, 4, 32)))
+    with jax.set_mesh(mesh):
+        cache = make()
+    expected = jax.sharding.NamedSharding(mesh, P(None, ("data", "fsdp"), None, TP, None))
+    assert cache.k.sharding.is_equivalent_to(expected, 5)
+    assert cache.v.sharding.is_equivalent_to(expected, 5)
+    assert len(make().k.sharding.device_set) == 1  # no mesh: left alone
+
+
+def test_sharded_decoding_equals_single_device():
+    from sdar_jax.decode.decoder import DecodeConfig, generate
+
+    config = get_preset("tiny")
+    params = transformer.init_params(config, jax.random.key(3))
+    prompts = np.random.default_rng(1).integers(2, config.vocab_size - 1, (4, 6)).astype(np.int32)
+    lengths = np.array([6, 3, 5, 1], np.int32)
+    decode = DecodeConfig(block_length=4, steps=2, max_new_tokens=8, strategy="low_confidence_static")
+    want = generate(params, config, prompts, lengths, jax.random.key(0), decode)
+
+    pconfig = ParallelConfig(data=2, fsdp=2, tensor=2)
+    mesh = parallel.make_mesh(pconfig)
+    sharded = jax.device_put(params, parallel.param_shardings(config, pconfig, mesh))
+    with jax.set_mesh(mesh):
+        got = generate(sharded, config, prompts, lengths, jax.random.key(0), decode)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_array_equal(np.asarray(got.num_forwards), np.asarray(want.num_forwards))

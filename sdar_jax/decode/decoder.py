@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdar_jax import parallel
 from sdar_jax.config import ModelConfig
 from sdar_jax.decode import said, sampling, strategies
 from sdar_jax.model import transformer
@@ -395,7 +396,7 @@ def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, conf
     first_start = (prompt_lengths // b) * b
     num_blocks = (-(-(prompt_lengths + g) // b) * b - first_start) // b
 
-    cache = transformer.init_cache(config, batch, canvas_len)
+    cache = parallel.constrain_cache(transformer.init_cache(config, batch, canvas_len))
     prefill_len = (max_prompt // b) * b
     if prefill_len:
         # Rows' positions past their own whole blocks hold junk here; each block's
@@ -503,7 +504,7 @@ def _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, sta
     canvas = jnp.pad(prompt_tokens, ((0, 0), (0, g)))
     canvas = jnp.where(pos[None] < prompt_lengths[:, None], canvas, 0)
 
-    cache = transformer.init_cache(config, batch, canvas_len)
+    cache = parallel.constrain_cache(transformer.init_cache(config, batch, canvas_len))
     prefill_len = max_prompt - 1
     if prefill_len:
         # Positions at or past a row's last prompt token are rewritten before use.
