@@ -67,7 +67,8 @@ class DistributedConfig:
             raise DistributedConfigError(f"DistributedConfig.mode is {self.mode!r}; expected one of {MODES}")
         if self.initialization_timeout_s < 1:
             raise DistributedConfigError(
-                f"DistributedConfig.initialization_timeout_s must be >= 1, got {self.initialization_timeout_s}"
+                "DistributedConfig.initialization_timeout_s must be >= 1, got "
+                f"{self.initialization_timeout_s}"
             )
 
 

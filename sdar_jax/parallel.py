@@ -262,8 +262,21 @@ def _mesh_shape(mesh: Mesh) -> dict[str, int]:
     return dict(mesh.shape)
 
 
+def _key_name(key: Any) -> Any:
+    """The plain value of a pytree key (DictKey.key, GetAttrKey.name, SequenceKey.idx)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return key
+
+
 def _path_str(path: tuple) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return "/".join(str(_key_name(k)) for k in path)
+
+
+def param_shapes(model_config: ModelConfig) -> dict:
+    """ShapeDtypeStructs of every parameter, a tree like `init_params`."""
+    return nn.unbox(transformer.abstract_params(model_config))
 
 
 def param_specs(model_config: ModelConfig, parallel_config: ParallelConfig, mesh: Mesh) -> dict:
@@ -271,6 +284,7 @@ def param_specs(model_config: ModelConfig, parallel_config: ParallelConfig, mesh
     logical = transformer.param_logical_axes(model_config)
     shapes = param_shapes(model_config)
     rules, mesh_shape = parallel_config.rules, _mesh_shape(mesh)
+
     def one(path: tuple, spec: PartitionSpec, shape: jax.ShapeDtypeStruct) -> PartitionSpec:
         where = f"param {_path_str(path)}"
         if len(spec) == 0 and shape.ndim:
@@ -285,11 +299,6 @@ def param_specs(model_config: ModelConfig, parallel_config: ParallelConfig, mesh
     )
 
 
-def param_shapes(model_config: ModelConfig) -> dict:
-    """ShapeDtypeStructs of every parameter, a tree like `init_params`."""
-    return nn.unbox(transformer.abstract_params(model_config))
-
-
 def param_shardings(model_config: ModelConfig, parallel_config: ParallelConfig, mesh: Mesh) -> dict:
     """NamedShardings for every parameter, a tree like `init_params`."""
     return jax.tree.map(
@@ -301,13 +310,6 @@ def param_shardings(model_config: ModelConfig, parallel_config: ParallelConfig, 
 def replicated(mesh: Mesh) -> NamedSharding:
     """A sharding that keeps a full copy on every device (scalars, metrics, keys)."""
     return NamedSharding(mesh, PartitionSpec())
-
-
-def _key_name(key: Any) -> Any:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return getattr(key, attr)
-    return key
 
 
 def state_shardings(
@@ -354,7 +356,10 @@ def state_shardings(
 # Batches and the KV cache
 
 
-def batch_spec(parallel_config: ParallelConfig, mesh: Mesh, shape: Sequence[int], *, where: str = "batch", strict: bool = True) -> PartitionSpec:
+def batch_spec(
+    parallel_config: ParallelConfig, mesh: Mesh, shape: Sequence[int], *, where: str = "batch",
+    strict: bool = True,
+) -> PartitionSpec:
     """PartitionSpec of a [batch, ...] array: the leading axis over the `batch` rule."""
     logical = ("batch",) + (None,) * (len(shape) - 1)
     return logical_to_mesh_spec(
@@ -362,7 +367,9 @@ def batch_spec(parallel_config: ParallelConfig, mesh: Mesh, shape: Sequence[int]
     )
 
 
-def batch_shardings(batch: Any, parallel_config: ParallelConfig, mesh: Mesh, *, strict: bool = True) -> Any:
+def batch_shardings(
+    batch: Any, parallel_config: ParallelConfig, mesh: Mesh, *, strict: bool = True
+) -> Any:
     """NamedShardings for a pytree of [batch, ...] arrays (e.g. the training batch dict).
 
     Args:
@@ -377,7 +384,9 @@ def batch_shardings(batch: Any, parallel_config: ParallelConfig, mesh: Mesh, *, 
     )
 
 
-def cache_shardings(cache: transformer.KVCache, parallel_config: ParallelConfig, mesh: Mesh) -> transformer.KVCache:
+def cache_shardings(
+    cache: transformer.KVCache, parallel_config: ParallelConfig, mesh: Mesh
+) -> transformer.KVCache:
     """NamedShardings for a KVCache (k, v: [layers, batch, max_len, kv_heads, head_dim]).
 
     The batch is sharded like training batches where the batch axes divide it

@@ -141,7 +141,9 @@ def test_tpu_pod_dry_run_prints_the_command_it_runs(tmp_path):
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TPU_NAME="my-pod", ZONE="us-central2-b",
                PROJECT="proj", RECORD=str(tmp_path / "gcloud.jsonl"))
     script = os.path.join(REPO, "launch", "tpu_pod.sh")
-    dry = subprocess.run([script, "--dry-run", *TRAIN_ARGS], env=env, capture_output=True, text=True, timeout=30)
+    dry = subprocess.run(
+        [script, "--dry-run", *TRAIN_ARGS], env=env, capture_output=True, text=True, timeout=30
+    )
     assert dry.returncode == 0, dry.stderr
     printed = shlex.split(dry.stdout)
     assert not (tmp_path / "gcloud.jsonl").exists()  # nothing ran
@@ -295,7 +297,9 @@ def test_two_processes_train_like_one(two_process_run, other_mesh, tmp_path):
     q = got["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     # Adam moves each weight ~lr = 1e-3 per step: agree to a thousandth of a step.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6), got, want)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6), got, want
+    )
 
     # The steps did move the weights.
     initial = transformer.init_params(model, jax.random.split(jax.random.key(0))[0])
@@ -315,7 +319,9 @@ def test_two_process_checkpoint_restores_on_another_mesh(two_process_run, other_
 
     assert int(restored.step) == results[0]["step"]
     _, exported = load_params_checkpoint(results[0]["export_dir"])
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored.params, exported)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored.params, exported
+    )
     q_spec = jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert restored.params["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec == q_spec
     adam = [s for s in jax.tree.leaves(restored.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]

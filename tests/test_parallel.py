@@ -87,7 +87,10 @@ CASES = [
     pytest.param("tiny", ParallelConfig(data=8), DENSE_DATA8, id="data8"),
     pytest.param("tiny", ParallelConfig(data=1, fsdp=8), DENSE_FSDP8, id="fsdp8"),
     pytest.param("tiny", ParallelConfig(data=2, fsdp=2, tensor=2), DENSE_DP2_FSDP2_TP2, id="dp2-fsdp2-tp2"),
-    pytest.param("tiny-moe", ParallelConfig(data=1, fsdp=2, tensor=2, expert=2), MOE_FSDP2_TP2_EP2, id="moe-fsdp2-tp2-ep2"),
+    pytest.param(
+        "tiny-moe", ParallelConfig(data=1, fsdp=2, tensor=2, expert=2), MOE_FSDP2_TP2_EP2,
+        id="moe-fsdp2-tp2-ep2",
+    ),
 ]
 
 
@@ -156,7 +159,8 @@ def test_unknown_logical_name_is_an_error():
     del rules["mlp"]
     pconfig = ParallelConfig(logical_rules=tuple(rules.items()))
     mesh = parallel.make_mesh(pconfig)
-    with pytest.raises(ParallelConfigError, match="param layers/mlp/down_proj/kernel: logical axis 'mlp' has no rule"):
+    message = "param layers/mlp/down_proj/kernel: logical axis 'mlp' has no rule"
+    with pytest.raises(ParallelConfigError, match=message):
         parallel.param_specs(get_preset("tiny"), pconfig, mesh)
 
 
@@ -200,7 +204,8 @@ def test_batch_shardings_require_divisible_batch():
     batch = _batch(get_preset("tiny"), batch=8)
     shardings = parallel.batch_shardings(batch, pconfig, mesh)
     assert {s.spec for s in shardings.values()} == {P("data", None)}
-    with pytest.raises(ParallelConfigError, match="batch loss_mask: dimension 'batch' of size 4 is not divisible by mesh axes \\('data',\\)"):
+    message = "batch loss_mask: dimension 'batch' of size 4 is not divisible by mesh axes \\('data',\\)"
+    with pytest.raises(ParallelConfigError, match=message):
         parallel.batch_shardings(_batch(get_preset("tiny"), batch=4), pconfig, mesh)
 
 
@@ -221,7 +226,9 @@ def test_state_shardings_cover_optimizer_moments():
     mesh = parallel.make_mesh(pconfig)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
     params = parallel.param_shapes(config)
-    state = jax.eval_shape(lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params)
+    state = jax.eval_shape(
+        lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params
+    )
     shardings = parallel.state_shardings(state, config, pconfig, mesh)
     adam = shardings["opt_state"][1][0]
     expected = DENSE_DP2_FSDP2_TP2
