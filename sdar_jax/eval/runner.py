@@ -215,6 +215,18 @@ def bucket_boundaries(lengths: Sequence[int], num_buckets: int, multiple: int = 
     return sorted({int(-(-int(ordered[c]) // multiple) * multiple) for c in np.maximum(cuts, 0)})
 
 
+def prompt_capacity(model_config: ModelConfig, decode_config: decoder.DecodeConfig) -> int:
+    """The longest padded prompt whose decoding canvas fits in max_position_embeddings.
+
+    The canvas holds prompt + max_new_tokens positions, rounded up to whole
+    blocks in diffusion mode (`decoder.canvas_length`).
+    """
+    positions = model_config.max_position_embeddings
+    if decode_config.mode == "diffusion":
+        positions = positions // decode_config.block_length * decode_config.block_length
+    return positions - decode_config.max_new_tokens
+
+
 def plan_batches(lengths: Sequence[int], n_samples: int, boundaries: Sequence[int],
                  batch_size: int) -> list[BatchPlan]:
     """Batches of (example, sample) rows, grouped by bucket, one batch shape per bucket.
@@ -440,7 +452,16 @@ def evaluate(params: Any, model_config: ModelConfig, tokenizer: Tokenizer,
                          "gives the same sample every time)")
     prompt_ids = encode_prompts(tokenizer, [e["prompt"] for e in examples], settings.chat)
     lengths = [len(ids) for ids in prompt_ids]
-    boundaries = bucket_boundaries(lengths, settings.num_buckets, settings.bucket_multiple)
+    capacity = prompt_capacity(model_config, decode_config)
+    if max(lengths) > capacity:
+        longest = int(np.argmax(lengths))
+        raise ValueError(
+            f"example {longest} has a {lengths[longest]}-token prompt; with max_new_tokens="
+            f"{decode_config.max_new_tokens} the model's max_position_embeddings="
+            f"{model_config.max_position_embeddings} leaves room for {capacity}")
+    # Rounding a bucket up must not push its canvas past the model's positions.
+    boundaries = sorted({min(b, capacity) for b in bucket_boundaries(
+        lengths, settings.num_buckets, settings.bucket_multiple)})
     plans = plan_batches(lengths, settings.n_samples, boundaries, settings.batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     outputs, stats = decode_plan(params, model_config, prompt_ids, plans, decode_config,

@@ -207,3 +207,21 @@ def test_end_to_end_matches_one_unbucketed_batch(tiny_model):
     assert result.summary["compile_seconds"] > 0.0
     assert result.summary["tokens_per_second"] > 0.0
     assert len(result.summary["bucket_lengths"]) == 2
+
+
+@pytest.mark.parametrize("mode, block, expect", [("ar", 4, 100 - 13), ("diffusion", 8, 96 - 13),
+                                                 ("diffusion", 4, 100 - 13)])
+def test_prompt_capacity_is_the_longest_prompt_whose_canvas_fits(mode, block, expect):
+    cfg = get_preset("tiny", max_position_embeddings=100)
+    dc = DecodeConfig(mode=mode, block_length=block, steps=1, max_new_tokens=13)
+    cap = runner.prompt_capacity(cfg, dc)
+    assert cap == expect
+    assert decoder.canvas_length(cap, dc) <= 100 < decoder.canvas_length(cap + 1, dc)
+
+
+def test_too_long_prompts_are_refused_by_name():
+    cfg = get_preset("tiny", vocab_size=104, max_position_embeddings=40, mask_token_id=4)
+    examples = [{"prompt": "x", "answer": "1"}, {"prompt": "y" * 30, "answer": "2"}]
+    with pytest.raises(ValueError, match=r"example 1 has a \d+-token prompt"):
+        runner.evaluate({}, cfg, TOK, examples, DecodeConfig(max_new_tokens=8),
+                        runner.EvalSettings(progress=False))
