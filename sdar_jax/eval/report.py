@@ -100,6 +100,8 @@ def plot_accuracy_vs_tpf(rows: Sequence[Mapping[str, object]], path: str | os.Pa
         for r, xi, yi in zip(members, x, y):
             ax.annotate(str(r["label"]), (xi, yi), textcoords="offset points", xytext=(4, 4),
                         fontsize=7)
+    top = max((100.0 * float(r["accuracy"]) for r in rows), default=0.0)
+    ax.set_ylim(0.0, max(5.0, 1.15 * top))
     ax.set_xlabel("tokens per forward (TPF)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
