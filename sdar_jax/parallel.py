@@ -19,6 +19,10 @@ Resolving a logical name for one dimension of one array:
     over them (logged as a warning). Batches are the exception: a global batch
     that the batch axes do not divide raises an error, because every process
     must own a whole number of rows.
+The resolver is this module's own rather than `flax.linen.logical_to_mesh_sharding`
+because the fallback needs each array's shape. The model itself adds no
+activation sharding constraints: GSPMD propagates the batch and parameter
+shardings through it (the sharded-equals-unsharded tests check the result).
 See docs/parallelism.md for the default layout and a picture.
 """
 
