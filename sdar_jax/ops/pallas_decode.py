@@ -29,7 +29,7 @@ MAX_DECODE_ROWS = 64  # larger query tiles (prompt prefill) go through the tiled
 
 
 def _decode_kernel(ids_ref, count_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref,
-                   acc_ref, m_ref, l_ref, *, st: pallas_gpu._Static, splits: int, scale: float):
+                   acc_ref, m_ref, l_ref, *, st: pallas_gpu.Static, splits: int, scale: float):
     rows, head_dim = q_ref.shape
     block_k = st.blocks.block_k
     split = pl.program_id(0)
@@ -45,8 +45,8 @@ def _decode_kernel(ids_ref, count_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, 
         acc, m, l = carry
         start = pl.multiple_of(ids_ref[j] * block_k, block_k)
         keys = pl.ds(start, block_k)
-        s = pallas_gpu._dot(q, k_ref[keys, :], trans_b=True) * (scale * pallas_gpu.LOG2_E)
-        allowed = pallas_gpu._allowed(
+        s = pallas_gpu.tile_dot(q, k_ref[keys, :], trans_b=True) * (scale * pallas_gpu.LOG2_E)
+        allowed = pallas_gpu.tile_allowed(
             st, row_ids, (start + jnp.arange(block_k))[None, :], q_pos, kpos_ref[keys][None, :],
             q_seg, kseg_ref[keys][None, :],
         )
@@ -55,7 +55,7 @@ def _decode_kernel(ids_ref, count_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, 
         p = jnp.where(allowed, jnp.exp2(s - m_new[:, None]), 0.0)
         correction = jnp.exp2(m - m_new)
         v = v_ref[keys, :]
-        acc = acc * correction[:, None] + pallas_gpu._dot(p.astype(v.dtype), v)
+        acc = acc * correction[:, None] + pallas_gpu.tile_dot(p.astype(v.dtype), v)
         return acc, m_new, l * correction + p.sum(axis=1)
 
     init = (
@@ -95,7 +95,7 @@ def _gpu_decode(q, k, v, *, mask, q_positions, kv_positions, q_segment_ids, kv_s
     n_tiles = kv_pad // block_k
     if splits is None:  # enough programs to fill a large GPU twice over
         splits = max(1, min(n_tiles, 256 // (batch * kv_heads)))
-    st = pallas_gpu._Static(mask, pallas_gpu.BlockSizes(block_q=rows, block_k=block_k),
+    st = pallas_gpu.Static(mask, pallas_gpu.BlockSizes(block_q=rows, block_k=block_k),
                             groups, q_len // 2, interpret)
     qseg = tiles.default_segments(q_segment_ids, q_positions)
     kseg = tiles.pad_axis(tiles.default_segments(kv_segment_ids, kv_positions), 1, kv_pad,
@@ -131,7 +131,7 @@ def _gpu_decode(q, k, v, *, mask, q_positions, kv_positions, q_segment_ids, kv_s
             jax.ShapeDtypeStruct((splits, batch, kv_heads, rows), jnp.float32),
             jax.ShapeDtypeStruct((splits, batch, kv_heads, rows), jnp.float32),
         ],
-        compiler_params=pallas_gpu._compiler_params(st.blocks, head_dim),
+        compiler_params=pallas_gpu.compiler_params(st.blocks, head_dim),
         interpret=interpret,
         name="sdar_decode_attention",
     )(ids, counts, qf, k, v, row_meta(qpos, 0), row_meta(qseg, tiles.PAD_Q_SEGMENT), kpos, kseg)

@@ -4,15 +4,15 @@ Forward, dQ and dK/dV kernels (FlashAttention-2 recurrences, base-2
 exponentials) with the mask evaluated inside the kernel by `masks.mask_fn` on
 the runtime positions and segment ids, so any mask kind and any packing work.
 Each program walks only the non-empty key (or query) tiles listed by
-`tiles.compact`; empty tiles are neither loaded nor computed.
+`tiles.compact_split`: empty tiles are neither loaded nor computed, and tiles
+the mask allows entirely come first and skip the in-kernel mask evaluation.
 
 Grouped-query attention folds the query heads of a kv head into rows (see
 `sdar_jax.ops.tiles`): K/V are indexed by kv head in the BlockSpecs and never
 repeated, and dK/dV come out summed over the group directly.
 
-The same kernel serves decoding against a KV cache: the block's few queries
-times the group size form one row tile, and cache tiles past a row's visible
-prefix are empty tiles (see `sdar_jax.ops.pallas_decode`).
+Decoding against a KV cache reuses the tile helpers here in a split-K kernel
+(`sdar_jax.ops.pallas_decode`); `flash_forward` serves long prefill queries.
 
 Triton needs power-of-two tiles; sequences are padded to whole tiles with
 segment ids that match nothing and the padding is cut off again.
@@ -66,8 +66,8 @@ class BlockSizes:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything static about one call (hashable, for custom_vjp)."""
+class Static:
+    """Everything static about one kernel call (hashable, for custom_vjp)."""
 
     spec: masks.MaskSpec
     blocks: BlockSizes
@@ -76,7 +76,7 @@ class _Static:
     interpret: bool
 
 
-def _dot(a: jnp.ndarray, b: jnp.ndarray, trans_a: bool = False, trans_b: bool = False) -> jnp.ndarray:
+def tile_dot(a: jnp.ndarray, b: jnp.ndarray, trans_a: bool = False, trans_b: bool = False) -> jnp.ndarray:
     """A float32-accumulating tile matmul that lowers through Triton."""
     if plgpu is not None:
         return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b).astype(jnp.float32)
@@ -85,14 +85,14 @@ def _dot(a: jnp.ndarray, b: jnp.ndarray, trans_a: bool = False, trans_b: bool = 
     return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _allowed(st: _Static, rows, k_idx, q_pos, k_pos, q_seg, k_seg) -> jnp.ndarray:
+def tile_allowed(st: Static, rows, k_idx, q_pos, k_pos, q_seg, k_seg) -> jnp.ndarray:
     """The mask on a tile: rows [bq, 1] folded row ids, the rest [bq, 1] / [1, bk]."""
     return masks.mask_fn(
         st.spec, rows // st.groups, k_idx, q_pos, k_pos, q_seg, k_seg, noisy_len=st.noisy_len
     )
 
 
-def _compiler_params(blocks: BlockSizes, head_dim: int):
+def compiler_params(blocks: BlockSizes, head_dim: int):
     if plgpu is None:
         return None
     warps = blocks.num_warps or (4 if head_dim <= 64 else 8)
@@ -102,9 +102,15 @@ def _compiler_params(blocks: BlockSizes, head_dim: int):
 # ----------------------------------------------------------------------------- kernels
 
 
+def _two_loops(body, full_ref, count_ref, init):
+    """Runs body(j, carry, masked) over the listed tiles: full ones first, unmasked."""
+    carry = lax.fori_loop(0, full_ref[0], functools.partial(body, masked=False), init)
+    return lax.fori_loop(full_ref[0], count_ref[0], functools.partial(body, masked=True), carry)
+
+
 def _fwd_kernel(
-    ids_ref, count_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref,
-    o_ref, lse_ref, *, st: _Static, scale: float,
+    ids_ref, full_ref, count_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref,
+    o_ref, lse_ref, *, st: Static, scale: float,
 ):
     block_q, head_dim = q_ref.shape
     block_k = st.blocks.block_k
@@ -112,21 +118,24 @@ def _fwd_kernel(
     q = q_ref[...]
     q_pos, q_seg = qpos_ref[...][:, None], qseg_ref[...][:, None]
 
-    def body(j, carry):
+    def body(j, carry, masked):
         acc, m, l = carry
         start = pl.multiple_of(ids_ref[j] * block_k, block_k)
         keys = pl.ds(start, block_k)
-        s = _dot(q, k_ref[keys, :], trans_b=True) * (scale * LOG2_E)
-        allowed = _allowed(
-            st, rows, (start + jnp.arange(block_k))[None, :], q_pos, kpos_ref[keys][None, :],
-            q_seg, kseg_ref[keys][None, :],
-        )
-        s = jnp.where(allowed, s, MASK_VALUE)
+        s = tile_dot(q, k_ref[keys, :], trans_b=True) * (scale * LOG2_E)
+        if masked:
+            allowed = tile_allowed(
+                st, rows, (start + jnp.arange(block_k))[None, :], q_pos, kpos_ref[keys][None, :],
+                q_seg, kseg_ref[keys][None, :],
+            )
+            s = jnp.where(allowed, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=1))
-        p = jnp.where(allowed, jnp.exp2(s - m_new[:, None]), 0.0)
+        p = jnp.exp2(s - m_new[:, None])
+        if masked:
+            p = jnp.where(allowed, p, 0.0)
         correction = jnp.exp2(m - m_new)
         v = v_ref[keys, :]
-        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * correction[:, None] + tile_dot(p.astype(v.dtype), v)
         return acc, m_new, l * correction + p.sum(axis=1)
 
     init = (
@@ -134,7 +143,7 @@ def _fwd_kernel(
         jnp.full((block_q,), MASK_VALUE, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    acc, m, l = lax.fori_loop(0, count_ref[0], body, init)
+    acc, m, l = _two_loops(body, full_ref, count_ref, init)
     # A row that sees no key (padding) gets zeros, like the reference.
     visible = l > 0.0
     safe_l = jnp.where(visible, l, 1.0)
@@ -143,8 +152,8 @@ def _fwd_kernel(
 
 
 def _dq_kernel(
-    ids_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-    qpos_ref, qseg_ref, kpos_ref, kseg_ref, dq_ref, *, st: _Static, scale: float,
+    ids_ref, full_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+    qpos_ref, qseg_ref, kpos_ref, kseg_ref, dq_ref, *, st: Static, scale: float,
 ):
     block_q, head_dim = q_ref.shape
     block_k = st.blocks.block_k_bwd
@@ -153,26 +162,27 @@ def _dq_kernel(
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
     q_pos, q_seg = qpos_ref[...][:, None], qseg_ref[...][:, None]
 
-    def body(j, dq):
+    def body(j, dq, masked):
         start = pl.multiple_of(ids_ref[j] * block_k, block_k)
         keys = pl.ds(start, block_k)
         k = k_ref[keys, :]
-        s = _dot(q, k, trans_b=True) * (scale * LOG2_E)
-        allowed = _allowed(
-            st, rows, (start + jnp.arange(block_k))[None, :], q_pos, kpos_ref[keys][None, :],
-            q_seg, kseg_ref[keys][None, :],
-        )
-        p = jnp.where(allowed, jnp.exp2(s - lse), 0.0)
-        ds = p * (_dot(do, v_ref[keys, :], trans_b=True) - delta)
-        return dq + _dot(ds.astype(k.dtype), k)
+        p = jnp.exp2(tile_dot(q, k, trans_b=True) * (scale * LOG2_E) - lse)
+        if masked:
+            allowed = tile_allowed(
+                st, rows, (start + jnp.arange(block_k))[None, :], q_pos, kpos_ref[keys][None, :],
+                q_seg, kseg_ref[keys][None, :],
+            )
+            p = jnp.where(allowed, p, 0.0)
+        ds = p * (tile_dot(do, v_ref[keys, :], trans_b=True) - delta)
+        return dq + tile_dot(ds.astype(k.dtype), k)
 
-    dq = lax.fori_loop(0, count_ref[0], body, jnp.zeros((block_q, head_dim), jnp.float32))
+    dq = _two_loops(body, full_ref, count_ref, jnp.zeros((block_q, head_dim), jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(
-    ids_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-    qpos_ref, qseg_ref, kpos_ref, kseg_ref, dk_ref, dv_ref, *, st: _Static, scale: float,
+    ids_ref, full_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+    qpos_ref, qseg_ref, kpos_ref, kseg_ref, dk_ref, dv_ref, *, st: Static, scale: float,
 ):
     block_k, head_dim = k_ref.shape
     block_q = st.blocks.block_q_bwd
@@ -180,24 +190,25 @@ def _dkv_kernel(
     k_idx = (pl.program_id(0) * block_k + jnp.arange(block_k))[None, :]
     k_pos, k_seg = kpos_ref[...][None, :], kseg_ref[...][None, :]
 
-    def body(i, carry):
+    def body(i, carry, masked):
         dk, dv = carry
         start = pl.multiple_of(ids_ref[i] * block_q, block_q)
         sel = pl.ds(start, block_q)
         q, do = q_ref[sel, :], do_ref[sel, :]
-        s = _dot(q, k, trans_b=True) * (scale * LOG2_E)
-        allowed = _allowed(
-            st, (start + jnp.arange(block_q))[:, None], k_idx, qpos_ref[sel][:, None], k_pos,
-            qseg_ref[sel][:, None], k_seg,
-        )
-        p = jnp.where(allowed, jnp.exp2(s - lse_ref[sel][:, None]), 0.0)
-        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-        ds = p * (_dot(do, v, trans_b=True) - delta_ref[sel][:, None])
-        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+        p = jnp.exp2(tile_dot(q, k, trans_b=True) * (scale * LOG2_E) - lse_ref[sel][:, None])
+        if masked:
+            allowed = tile_allowed(
+                st, (start + jnp.arange(block_q))[:, None], k_idx, qpos_ref[sel][:, None], k_pos,
+                qseg_ref[sel][:, None], k_seg,
+            )
+            p = jnp.where(allowed, p, 0.0)
+        dv = dv + tile_dot(p.astype(do.dtype), do, trans_a=True)
+        ds = p * (tile_dot(do, v, trans_b=True) - delta_ref[sel][:, None])
+        dk = dk + tile_dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
     zeros = jnp.zeros((block_k, head_dim), jnp.float32)
-    dk, dv = lax.fori_loop(0, count_ref[0], body, (zeros, zeros))
+    dk, dv = _two_loops(body, full_ref, count_ref, (zeros, zeros))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -234,47 +245,46 @@ def _key_specs(block_keys: int, head_dim: int, key_block: bool):
 
 
 def _table_specs(n_cols: int):
+    """Specs for (ids, full_counts, counts) of `tiles.compact_split`."""
     ids = pl.BlockSpec((None, None, n_cols), lambda t, b, h: (b, t, 0))
     count = pl.BlockSpec((None, 1), lambda t, b, h: (b, t))
-    return ids, count
+    return [ids, count, count]
 
 
-def _fwd_call(st, qf, k, v, rpos, rseg, kpos, kseg, ids, counts):
+def _fwd_call(st, qf, k, v, rpos, rseg, kpos, kseg, table):
     batch, kv_heads, rows, head_dim = qf.shape
     kv_len = k.shape[1]
     bq = st.blocks.block_q
     q_mat, q_vec, q_meta = _row_specs(bq, head_dim, row_block=True)
     k_mat, k_meta = _key_specs(kv_len, head_dim, key_block=False)
-    ids_spec, count_spec = _table_specs(ids.shape[-1])
     return pl.pallas_call(
         functools.partial(_fwd_kernel, st=st, scale=head_dim**-0.5),
         grid=(rows // bq, batch, kv_heads),
-        in_specs=[ids_spec, count_spec, q_mat, k_mat, k_mat, q_meta, q_meta, k_meta, k_meta],
+        in_specs=[*_table_specs(table[0].shape[-1]), q_mat, k_mat, k_mat, q_meta, q_meta, k_meta, k_meta],
         out_specs=[q_mat, q_vec],
         out_shape=[
             jax.ShapeDtypeStruct(qf.shape, qf.dtype),
             jax.ShapeDtypeStruct((batch, kv_heads, rows), jnp.float32),
         ],
-        compiler_params=_compiler_params(st.blocks, head_dim),
+        compiler_params=compiler_params(st.blocks, head_dim),
         interpret=st.interpret,
         name="sdar_flash_fwd",
-    )(ids, counts, qf, k, v, rpos, rseg, kpos, kseg)
+    )(*table, qf, k, v, rpos, rseg, kpos, kseg)
 
 
 def _bwd_calls(st, qf, k, v, dof, lse, delta, rpos, rseg, kpos, kseg, table, table_t):
     batch, kv_heads, rows, head_dim = qf.shape
     kv_len = k.shape[1]
     bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
-    params = _compiler_params(st.blocks, head_dim)
+    params = compiler_params(st.blocks, head_dim)
     scale = head_dim**-0.5
 
     q_mat, q_vec, q_meta = _row_specs(bq, head_dim, row_block=True)
     k_mat, k_meta = _key_specs(kv_len, head_dim, key_block=False)
-    ids_spec, count_spec = _table_specs(table[0].shape[-1])
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, st=st, scale=scale),
         grid=(rows // bq, batch, kv_heads),
-        in_specs=[ids_spec, count_spec, q_mat, k_mat, k_mat, q_mat, q_vec, q_vec,
+        in_specs=[*_table_specs(table[0].shape[-1]), q_mat, k_mat, k_mat, q_mat, q_vec, q_vec,
                   q_meta, q_meta, k_meta, k_meta],
         out_specs=q_mat,
         out_shape=jax.ShapeDtypeStruct(qf.shape, qf.dtype),
@@ -285,11 +295,10 @@ def _bwd_calls(st, qf, k, v, dof, lse, delta, rpos, rseg, kpos, kseg, table, tab
 
     q_mat, q_vec, q_meta = _row_specs(rows, head_dim, row_block=False)
     k_mat, k_meta = _key_specs(bk, head_dim, key_block=True)
-    ids_spec, count_spec = _table_specs(table_t[0].shape[-1])
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, st=st, scale=scale),
         grid=(kv_len // bk, batch, kv_heads),
-        in_specs=[ids_spec, count_spec, q_mat, k_mat, k_mat, q_mat, q_vec, q_vec,
+        in_specs=[*_table_specs(table_t[0].shape[-1]), q_mat, k_mat, k_mat, q_mat, q_vec, q_vec,
                   q_meta, q_meta, k_meta, k_meta],
         out_specs=[k_mat, k_mat],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -303,7 +312,7 @@ def _bwd_calls(st, qf, k, v, dof, lse, delta, rpos, rseg, kpos, kseg, table, tab
 # ----------------------------------------------------------------------------- public entry
 
 
-def _prepare(st: _Static, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
+def _prepare(st: Static, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
     """Pads to whole tiles and folds heads; returns the folded operands and row metadata."""
     q_len, kv_len = q.shape[1], k.shape[1]
     kv_heads = k.shape[2]
@@ -323,17 +332,17 @@ def _prepare(st: _Static, q, k, v, q_positions, kv_positions, q_segment_ids, kv_
     return qf, k, v, (qpos, qseg, kpos, kseg), (rpos, rseg)
 
 
-def _nonempty(st: _Static, meta, block_q: int, block_k: int) -> jnp.ndarray:
-    """[batch, row tiles, key tiles] bool for row tiles of block_q folded rows."""
+def _tile_masks(st: Static, meta, block_q: int, block_k: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(nonempty, full), [batch, row tiles, key tiles] bool, for row tiles of block_q folded rows."""
     qpos, qseg, kpos, kseg = meta
-    return tiles.tile_mask(
+    return tiles.tile_masks(
         st.spec, qpos, kpos, qseg, kseg,
         block_q=block_q // st.groups, block_k=block_k, noisy_len=st.noisy_len,
     )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: _Static, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
+def _flash(st: Static, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
     return _flash_fwd(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)[0]
 
 
@@ -342,8 +351,8 @@ def _flash_fwd(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment
     qf, kp, vp, meta, (rpos, rseg) = _prepare(
         st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids
     )
-    table = tiles.compact(_nonempty(st, meta, st.blocks.block_q, st.blocks.block_k))
-    of, lse = _fwd_call(st, qf, kp, vp, rpos, rseg, meta[2], meta[3], *table)
+    table = tiles.compact_split(*_tile_masks(st, meta, st.blocks.block_q, st.blocks.block_k))
+    of, lse = _fwd_call(st, qf, kp, vp, rpos, rseg, meta[2], meta[3], table)
     out = tiles.unfold_heads(of, of.shape[2] // st.groups)[:, :q_len]
     residuals = (q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, of, lse)
     return out, residuals
@@ -358,9 +367,9 @@ def _flash_bwd(st, residuals, dout):
     dof = tiles.fold_heads(tiles.pad_axis(dout, 1, qf.shape[2] // st.groups, 0), kv_heads)
     delta = jnp.sum(of.astype(jnp.float32) * dof.astype(jnp.float32), axis=-1)
     bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
-    nonempty = _nonempty(st, meta, bq, bk)
-    table = tiles.compact(nonempty)  # key tiles per row tile (dQ)
-    table_t = tiles.compact(jnp.swapaxes(nonempty, 1, 2))  # row tiles per key tile (dK/dV)
+    nonempty, full = _tile_masks(st, meta, bq, bk)
+    table = tiles.compact_split(nonempty, full)  # key tiles per row tile (dQ)
+    table_t = tiles.compact_split(jnp.swapaxes(nonempty, 1, 2), jnp.swapaxes(full, 1, 2))  # (dK/dV)
     dqf, dk, dv = _bwd_calls(st, qf, kp, vp, dof, lse, delta, rpos, rseg, meta[2], meta[3], table, table_t)
     dq = tiles.unfold_heads(dqf, qf.shape[2] // st.groups)[:, :q_len]
     return dq, dk[:, :kv_len], dv[:, :kv_len], None, None, None, None
@@ -411,7 +420,7 @@ def flash_attention(
         raise ValueError(
             f"block_diffusion is self-attention over [xt; x0]: q_len {q.shape[1]} != kv_len {k.shape[1]}"
         )
-    st = _Static(mask, block_sizes, groups, q.shape[1] // 2, interpret)
+    st = Static(mask, block_sizes, groups, q.shape[1] // 2, interpret)
     return _flash(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
 
 
@@ -442,5 +451,5 @@ def flash_forward(
     forward_only = dataclasses.replace(
         block_sizes, block_q_bwd=block_sizes.block_q, block_k_bwd=block_sizes.block_k
     )
-    st = _Static(mask, forward_only, groups, q.shape[1] // 2, interpret)
+    st = Static(mask, forward_only, groups, q.shape[1] // 2, interpret)
     return _flash_fwd(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)[0]

@@ -25,7 +25,7 @@ PAD_Q_SEGMENT = -1
 PAD_KV_SEGMENT = -2
 
 
-def tile_mask(
+def tile_masks(
     spec: masks.MaskSpec,
     q_positions: jnp.ndarray,
     kv_positions: jnp.ndarray,
@@ -35,8 +35,8 @@ def tile_mask(
     block_q: int,
     block_k: int,
     noisy_len: int,
-) -> jnp.ndarray:
-    """Which (query tile, key tile) pairs contain at least one allowed pair.
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Which (query tile, key tile) pairs allow some pair (non-empty) and every pair (full).
 
     Args:
       spec: the mask description.
@@ -46,7 +46,8 @@ def tile_mask(
       noisy_len: the noisy half's length for block_diffusion (ignored otherwise).
 
     Returns:
-      [batch, q_len // block_q, kv_len // block_k] bool.
+      (nonempty, full), each [batch, q_len // block_q, kv_len // block_k] bool.
+      Full tiles need no masking inside the kernel.
     """
     batch, q_len = q_positions.shape
     kv_len = kv_positions.shape[1]
@@ -72,7 +73,23 @@ def tile_mask(
         q_side(q_segment_ids), k_side(kv_segment_ids),
         noisy_len=noisy_len,
     )
-    return allowed.any(axis=(2, 4))
+    return allowed.any(axis=(2, 4)), allowed.all(axis=(2, 4))
+
+
+def tile_mask(spec: masks.MaskSpec, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *,
+              block_q: int, block_k: int, noisy_len: int) -> jnp.ndarray:
+    """The non-empty half of `tile_masks`: [batch, q tiles, key tiles] bool."""
+    return tile_masks(spec, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+                      block_q=block_q, block_k=block_k, noisy_len=noisy_len)[0]
+
+
+def _compact(rank: jnp.ndarray, counts: jnp.ndarray) -> jnp.ndarray:
+    """Column indices sorted by `rank` (stable), padded past `counts` with the last listed one."""
+    cols = rank.shape[-1]
+    order = jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
+    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
+    last = jnp.where(counts[..., None] > 0, last, 0)
+    return jnp.where(jnp.arange(cols, dtype=jnp.int32) < counts[..., None], order, last)
 
 
 def compact(nonempty: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -88,13 +105,26 @@ def compact(nonempty: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         `ids[j]` past the count asks for the block it already holds.
       counts: [batch, rows] int32.
     """
-    cols = nonempty.shape[-1]
-    order = jnp.argsort(~nonempty, axis=-1, stable=True).astype(jnp.int32)
     counts = nonempty.sum(axis=-1, dtype=jnp.int32)
-    last = jnp.take_along_axis(order, jnp.maximum(counts - 1, 0)[..., None], axis=-1)
-    last = jnp.where(counts[..., None] > 0, last, 0)
-    ids = jnp.where(jnp.arange(cols, dtype=jnp.int32) < counts[..., None], order, last)
-    return ids, counts
+    return _compact(~nonempty, counts), counts
+
+
+def compact_split(nonempty: jnp.ndarray, full: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Like `compact`, with the full tiles listed first.
+
+    Args:
+      nonempty, full: [batch, rows, cols] bool (full implies non-empty).
+
+    Returns:
+      ids: [batch, rows, cols] int32: full tiles (ascending), then partial ones
+        (ascending), then padding as in `compact`.
+      full_counts: [batch, rows] int32, how many leading entries need no mask.
+      counts: [batch, rows] int32, how many entries are non-empty.
+    """
+    full = full & nonempty
+    rank = jnp.where(full, 0, jnp.where(nonempty, 1, 2)).astype(jnp.int32)
+    counts = nonempty.sum(axis=-1, dtype=jnp.int32)
+    return _compact(rank, counts), full.sum(axis=-1, dtype=jnp.int32), counts
 
 
 def fold_heads(x: jnp.ndarray, kv_heads: int) -> jnp.ndarray:

@@ -27,13 +27,16 @@ def _brute_force_nonempty(dense: np.ndarray, block_q: int, block_k: int) -> np.n
 def test_tile_mask_equals_brute_force(mask, block_q, block_k):
     kw = cases.training_inputs(7, mask=mask, batch=2, length=128, n_segments=3, pad_blocks=1)
     row = kw["q_positions"].shape[1]
-    got = np.asarray(tiles.tile_mask(
+    got, got_full = map(np.asarray, tiles.tile_masks(
         mask, kw["q_positions"], kw["kv_positions"], kw["q_segment_ids"], kw["kv_segment_ids"],
         block_q=block_q, block_k=block_k, noisy_len=row // 2))
     dense = np.asarray(masks.dense_mask(mask, kw["q_positions"], kw["kv_positions"],
                                         kw["q_segment_ids"], kw["kv_segment_ids"]))
     want = _brute_force_nonempty(dense, block_q, block_k)
     np.testing.assert_array_equal(got, want)
+    want_full = ~_brute_force_nonempty(~dense, block_q, block_k)
+    np.testing.assert_array_equal(got_full, want_full)
+    assert want_full.any() and (want & ~want_full).any()  # both kinds of tile occur
     # The kernels loop over exactly the non-empty tiles; a good share are skipped.
     ids, counts = tiles.compact(jnp.asarray(got))
     np.testing.assert_array_equal(np.asarray(counts), want.sum(-1))
@@ -43,6 +46,15 @@ def test_tile_mask_equals_brute_force(mask, block_q, block_k):
             np.testing.assert_array_equal(np.asarray(ids[b, i, :n]), np.flatnonzero(want[b, i]))
             assert (np.asarray(ids[b, i, n:]) == (np.flatnonzero(want[b, i])[-1] if n else 0)).all()
     assert want.mean() < 0.75, f"expected many empty tiles, only {1 - want.mean():.0%} are"
+    # compact_split lists the full tiles first, then the partial ones, each ascending.
+    ids, n_full, counts = map(np.asarray, tiles.compact_split(jnp.asarray(want), jnp.asarray(want_full)))
+    np.testing.assert_array_equal(counts, want.sum(-1))
+    np.testing.assert_array_equal(n_full, want_full.sum(-1))
+    for b in range(want.shape[0]):
+        for i in range(want.shape[1]):
+            f, n = n_full[b, i], counts[b, i]
+            np.testing.assert_array_equal(ids[b, i, :f], np.flatnonzero(want_full[b, i]))
+            np.testing.assert_array_equal(ids[b, i, f:n], np.flatnonzero(want[b, i] & ~want_full[b, i]))
 
 
 def test_block_diffusion_skips_three_quarters_of_the_tiles_at_long_rows():
