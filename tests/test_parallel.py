@@ -188,6 +188,27 @@ def test_indivisible_dimension_falls_back_to_replication(caplog):
     assert "layers/self_attn/q_proj/kernel: dimension 'heads' of size 4" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "preset, sizes, gate_spec",
+    [
+        ("sdar-1.7b", dict(data=1, fsdp=64), P(None, FS, None)),
+        ("sdar-8b", dict(data=2, fsdp=16, tensor=4), P(None, FS, TP)),
+        ("sdar-30b-a3b", dict(data=1, fsdp=8, expert=8), P(None, EP, FS, None)),
+        ("sdar-30b-a3b", dict(data=1, fsdp=4, tensor=4, expert=16), P(None, EP, FS, TP)),
+    ],
+)
+def test_released_models_shard_without_fallback(preset, sizes, gate_spec, caplog):
+    """The default rules divide every dimension of the released SDAR models on pod-sized meshes."""
+    shape = {axis: sizes.get(axis, 1) for axis in parallel.MESH_AXES}
+    mesh = jax.sharding.AbstractMesh(
+        tuple(shape.values()), parallel.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4
+    )
+    with caplog.at_level(logging.WARNING, logger="sdar_jax.parallel"):
+        specs = parallel.param_specs(get_preset(preset), ParallelConfig(), mesh)
+    assert caplog.text == ""
+    assert specs["layers"]["mlp"]["gate_proj"]["kernel"] == gate_spec
+
+
 def test_partial_fallback_keeps_the_dividing_prefix():
     # batch 4 over (data 2, fsdp 4): only `data` divides; strict raises.
     mesh_shape = {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
