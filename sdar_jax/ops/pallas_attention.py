@@ -8,6 +8,8 @@
        which assumes canonical positions (see `sdar_jax.ops.pallas_tpu`).
        Against a cache: `pallas_tpu.cache_attention` (forward only).
   CPU  the GPU kernels in the Pallas interpreter (for tests; slow).
+  A head_dim the compiled kernels cannot tile (TPU: not a multiple of 128; GPU:
+  not a power of two >= 16) falls back to the XLA reference, with a warning.
 
 `interpret=True` with `backend="gpu"` or `"tpu"` runs that lowering's kernels in
 the interpreter, which is how the tests check both on a CPU machine.
@@ -22,6 +24,7 @@ and heads. A dimension its axes do not divide is replicated over them instead.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
@@ -29,6 +32,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sdar_jax.ops import masks, pallas_decode, pallas_gpu
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("gpu", "tpu")
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -124,6 +129,13 @@ def _shard_mapped(local, mesh, q, k, v, metadata):
     )(q, k, v, *(metadata[i] for i in present))
 
 
+def _kernel_head_dim(backend: str, head_dim: int) -> bool:
+    """Triton tiles need a power of two (>= 16); Mosaic slices heads in 128-lane units."""
+    if backend == "tpu":
+        return head_dim % 128 == 0
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def _dispatch(q, k, v, mask, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *,
               backend: str, interpret: bool) -> jnp.ndarray:
     """Chooses the kernel for one device's operands."""
@@ -131,6 +143,14 @@ def _dispatch(q, k, v, mask, q_positions, kv_positions, q_segment_ids, kv_segmen
     groups = q.shape[2] // k.shape[2]
     kw = dict(mask=mask, q_positions=q_positions, kv_positions=kv_positions,
               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    head_dim = q.shape[3]
+    if not interpret and not _kernel_head_dim(backend, head_dim):
+        # Tiny test models (head_dim 16, 32, ...) on a TPU: the kernels tile head_dim in lanes.
+        logger.warning("pallas_attention: head_dim %d does not suit the %s kernels; using the XLA "
+                       "reference", head_dim, backend)
+        from sdar_jax.ops import attention as attention_ops
+
+        return attention_ops.xla_attention(q, k, v, **kw)
     if backend == "tpu":
         from sdar_jax.ops import pallas_tpu  # only TPU callers import splash and Mosaic
 

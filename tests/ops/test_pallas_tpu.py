@@ -132,3 +132,14 @@ def test_pallas_impl_under_a_mesh_runs_per_device_shards():
     assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
     errors = cases.max_errors(got, cases.reference(q, k, v, dout, kw))
     assert max(errors) < 1e-5, errors
+
+
+def test_head_dim_the_compiled_kernels_cannot_tile_falls_back_to_xla(caplog):
+    from sdar_jax.ops import pallas_attention
+
+    q, k, v, _ = cases.qkv(2, 1, 16, 16, 4, 2, 16, jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (1, 16))
+    kw = dict(mask=masks.causal(), q_positions=pos, kv_positions=pos)
+    got = pallas_attention.pallas_attention(q, k, v, **kw, backend="tpu", interpret=False)
+    np.testing.assert_allclose(got, attention.attention(q, k, v, **kw, impl="xla"), atol=1e-6)
+    assert "head_dim 16" in caplog.text
