@@ -194,7 +194,8 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     else:
         arch = model_config_lib.load_hf_config(m.hf_config)
     changes = {k: v for k, v in m.overrides.to_dict().items() if v is not None}
-    unknown = sorted(set(changes) - set(ModelConfig.__dataclass_fields__) | set(changes) & set(_RUNTIME_FIELDS))
+    architecture = set(ModelConfig.__dataclass_fields__) - set(_RUNTIME_FIELDS)
+    unknown = sorted(set(changes) - architecture)
     if unknown:
         raise RunConfigError(
             f"model.overrides names {unknown}, which are not ModelConfig architecture fields "

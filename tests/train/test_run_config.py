@@ -108,3 +108,10 @@ def test_unset_model_source_is_named():
     config = run_config.base_config()
     with pytest.raises(run_config.RunConfigError, match="exactly one of model.preset and model.hf_config"):
         run_config.model_config(config)
+
+
+def test_runtime_field_in_overrides_is_rejected():
+    config = _load("tiny")
+    config.model.overrides.dtype = "bfloat16"
+    with pytest.raises(run_config.RunConfigError, match=r"names \['dtype'\].*model.dtype"):
+        run_config.model_config(config)
