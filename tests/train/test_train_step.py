@@ -67,6 +67,26 @@ def test_bfloat16_compute_keeps_float32_master_params():
     assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
 
 
+def test_moe_aux_loss_enters_the_objective():
+    """tiny-moe: loss = sdar_loss + coef * aux_loss, with the coefficient from the config."""
+    config = tiny_config()
+    config.model.preset = "tiny-moe"
+    config.model.overrides.update(dict(intermediate_size=0, num_layers=1))
+    config.objective.aux_loss_coef = 0.5
+    model, tx, schedule, state = _setup(config)
+    assert model.is_moe and run_config.aux_loss_coef(config, model) == 0.5
+    batch = next(synthetic_iterator())
+    micro_key = jax.random.split(step_rng(state), 1)[0]
+    loss, reference = sdar_loss(
+        functools.partial(transformer.apply, model), state.params, batch, micro_key,
+        block_size=4, mask_token_id=model.mask_token_id,
+    )
+    _, metrics = step.compile_train_step(config, model, tx, schedule)(state, batch)
+    assert float(reference["aux_loss"]) > 0
+    np.testing.assert_allclose(metrics["aux_loss"], reference["aux_loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], loss + 0.5 * reference["aux_loss"], rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def sdar_run():
     """40 SDAR steps on the synthetic task; the held-out loss before and after."""
