@@ -15,7 +15,9 @@ Stopping: SIGTERM (single-process runs install a handler; multi-host runs use
 JAX's preemption sync point through orbax) makes the loop save the current
 step and return normally. A non-finite loss or gradient norm raises
 `NonFiniteLossError` naming the step, before anything is saved at that step,
-so the newest checkpoint is the last good one.
+so the newest checkpoint is the last good one. Metrics are fetched to the
+host after every step (one sync per step): that is what makes the stop exact,
+and at the sizes this trainer targets a step is far longer than the sync.
 """
 
 from __future__ import annotations
