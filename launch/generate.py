@@ -28,8 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sdar_jax.decode import strategies
-from sdar_jax.decode.decoder import DecodeConfig
+from sdar_jax.decode.cli import (
+    DecodingArgsError, add_decoding_args, decode_config_from_args, resolve_stop_ids,
+)
 
 # Prompt buckets: a batch's prompts are right-padded to the next power of two
 # (at least this), so one compilation serves many prompt lengths.
@@ -54,37 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat", action="store_true",
                         help="wrap text prompts in the tokenizer's chat template (user turn)")
     parser.add_argument("--output", help="JSONL file to write one result per prompt")
-    parser.add_argument("--mode", choices=("diffusion", "ar"), default=None,
-                        help="diffusion (SDAR) or ar (plain AR); default: diffusion when the "
-                             "config has a mask token, else ar")
-    d = DecodeConfig()
-    parser.add_argument("--block-length", type=int, default=None,
-                        help="block length B (default: the config's block_size, else 4)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="denoising steps per block (default: B); for said/said_chlg the "
-                             "per-block step budget")
-    parser.add_argument("--strategy", default=d.strategy,
-                        help=f"remasking strategy, one of {', '.join(strategies.STRATEGY_NAMES)}")
-    parser.add_argument("--threshold", type=float, default=d.threshold,
-                        help="confidence threshold of low_confidence_dynamic, in (0, 1]")
-    parser.add_argument("--eb-bound", type=float, default=d.eb_bound,
-                        help="entropy bound of entropy_bounded (nats)")
-    parser.add_argument("--said-stages", type=int, default=d.said_stages, help="SAID stages K")
-    parser.add_argument("--said-rec-steps", type=int, default=d.said_rec_steps,
-                        help="steps of SAID's reconstruction stage")
-    parser.add_argument("--said-threshold", type=float, default=None,
-                        help="dynamic confidence threshold inside SAID stages (default: static)")
-    parser.add_argument("--chlg-threshold", type=float, default=d.chlg_threshold,
-                        help="CHLG threshold tau (said_chlg)")
-    parser.add_argument("--chlg-extra-steps", type=int, default=d.chlg_extra_steps,
-                        help="CHLG extra steps for positions below tau (said_chlg)")
-    parser.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=d.top_p, help="1 = off")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--stop-ids", default=None,
-                        help="comma-separated stop token ids (default: the tokenizer's stop ids, "
-                             "else the config's eos)")
+    add_decoding_args(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -153,45 +124,6 @@ def _encode(items, tokenizer, chat: bool, vocab_size: int) -> list[list[int]]:
     return encoded
 
 
-def _stop_ids(args, tokenizer, config) -> tuple[int, ...]:
-    if args.stop_ids is not None:
-        try:
-            return tuple(int(s) for s in args.stop_ids.split(",") if s.strip())
-        except ValueError as e:
-            raise UsageError(f"--stop-ids {args.stop_ids!r}: expected comma-separated ints") from e
-    if tokenizer is not None and tokenizer.stop_token_ids:
-        return tuple(tokenizer.stop_token_ids)
-    return () if config.eos_token_id is None else (config.eos_token_id,)
-
-
-def _decode_config(args, config, stop_ids) -> DecodeConfig:
-    mode = args.mode or ("diffusion" if config.is_diffusion else "ar")
-    if mode == "diffusion" and not config.is_diffusion:
-        raise UsageError(
-            f"--mode diffusion needs a checkpoint with a mask token; {args.ckpt}/config.json has no "
-            "mask_token_id (a plain AR model: use --mode ar)"
-        )
-    if args.strategy not in strategies.STRATEGY_NAMES:
-        raise UsageError(
-            f"--strategy {args.strategy!r} is unknown; valid: {', '.join(strategies.STRATEGY_NAMES)}"
-        )
-    if not 0.0 < args.threshold <= 1.0:
-        raise UsageError(f"--threshold {args.threshold} is outside (0, 1]")
-    block_length = args.block_length or config.block_size or 4
-    try:
-        return DecodeConfig(
-            mode=mode, block_length=block_length,
-            steps=args.steps if args.steps is not None else block_length,
-            strategy=args.strategy, threshold=args.threshold, eb_bound=args.eb_bound,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens, stop_ids=stop_ids, said_stages=args.said_stages,
-            said_rec_steps=args.said_rec_steps, said_threshold=args.said_threshold,
-            chlg_threshold=args.chlg_threshold, chlg_extra_steps=args.chlg_extra_steps,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-
-
 def _bucket(length: int) -> int:
     return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
 
@@ -242,7 +174,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--ckpt {args.ckpt!r}: {e}") from e
     tokenizer = _load_tokenizer(args, needed=any("prompt" in item for item in items))
     prompts = _encode(items, tokenizer, args.chat, config.vocab_size)
-    dc = _decode_config(args, config, _stop_ids(args, tokenizer, config))
+    try:
+        dc = decode_config_from_args(args, config, resolve_stop_ids(args, tokenizer, config))
+    except DecodingArgsError as e:
+        raise UsageError(str(e)) from e
     longest = max(map(len, prompts))
     positions = config.max_position_embeddings
     if dc.mode == "diffusion":  # the canvas is whole blocks

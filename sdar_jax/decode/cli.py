@@ -35,8 +35,9 @@ def add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256
     g.add_argument("--steps", type=int, default=None,
                    help="denoising steps per block (default: B); for said/said_chlg the per-block "
                         "step budget")
-    g.add_argument("--strategy", default=d.strategy, choices=strategies.STRATEGY_NAMES,
-                   help="remasking strategy")
+    # No argparse `choices`: a bad name gets DecodeConfig's one-line error listing the valid ones.
+    g.add_argument("--strategy", default=d.strategy,
+                   help=f"remasking strategy, one of {', '.join(strategies.STRATEGY_NAMES)}")
     g.add_argument("--threshold", type=float, default=d.threshold,
                    help="confidence threshold of low_confidence_dynamic, in (0, 1]")
     g.add_argument("--eb-bound", type=float, default=d.eb_bound,
