@@ -48,13 +48,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.global_batch_size = 8
     config.data.read_threads = 1
 
-    config.optimizer.peak_lr = 3e-3 if stage == "ar" else 1e-3
+    config.optimizer.peak_lr = 3e-3
     config.optimizer.warmup_steps = 50 if stage == "ar" else 20
     config.optimizer.end_lr_ratio = 0.05
     config.optimizer.weight_decay = 0.0
     config.optimizer.b2 = 0.99
 
-    config.train.steps = 1500 if stage == "ar" else 400
+    config.train.steps = 1800 if stage == "ar" else 800
     config.train.log_every = 50
     config.train.eval_every = config.train.steps
     config.train.checkpoint_every = config.train.steps  # one checkpoint, at the end

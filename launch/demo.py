@@ -1,10 +1,11 @@
 """The whole SDAR story on a CPU, in one command: train AR, adapt to block diffusion, compare.
 
   python launch/demo.py [--out demo_out] [--overwrite] [--quick]
-      [--ar-steps N] [--sdar-steps N] [--tasks add,mul,sort,word] [--num-test N]
+      [--ar-steps N] [--sdar-steps N] [--tasks add,sort,word] [--num-test N]
 
 1. Train a tiny Qwen3-style model from scratch with the next-token (AR)
-   objective on the shipped task suite (`configs/demo.py:ar`).
+   objective on the shipped task suite (`configs/demo.py:ar`); by default on
+   its add, sort and word tasks (`--tasks add,mul,sort,word` for all four).
 2. Adapt it to SDAR block diffusion: continue training from the AR params
    with the SDAR objective at block 4 (`configs/demo.py:sdar`), as the paper
    turns AR checkpoints into SDAR ones.
@@ -49,6 +50,9 @@ THRESHOLDS = (0.7, 0.8, 0.9)
 BLOCK_LENGTHS = (4, 8)
 MAX_NEW_TOKENS = 48  # the longest response is 44 tokens before <|im_end|>
 STAGE_DIRS = ("ar", "sdar", "eval", "data")
+# `mul` (the longest responses, 2-digit x 2-digit partial products) is left out by
+# default: within the CPU time budget the tiny model learns the other three far better.
+DEFAULT_TASKS = ("add", "sort", "word")
 
 # Applied on top of configs/demo.py by --quick.
 QUICK = dict(
@@ -74,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a reduced run that checks the pipeline (accuracies not meaningful)")
     parser.add_argument("--ar-steps", type=int, default=None, help="AR training steps")
     parser.add_argument("--sdar-steps", type=int, default=None, help="SDAR adaptation steps")
-    parser.add_argument("--tasks", default=",".join(tasks.TASKS),
-                        help="comma-separated subset of the task suite")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                        help="comma-separated subset of the task suite (all four: "
+                             "add,mul,sort,word)")
     parser.add_argument("--num-test", type=int, default=None,
                         help="test problems per task (default: all of the test split)")
     parser.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
@@ -219,7 +224,7 @@ def write_plots(stages: dict[str, dict[str, Any]], rows: Sequence[dict[str, Any]
 
 
 def run(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     task_names = tuple(t for t in args.tasks.split(",") if t)
     unknown = [t for t in task_names if t not in tasks.TASKS]
     if not task_names or unknown:
@@ -243,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     rows = evaluate_all({k: v["export_dir"] for k, v in stages.items()}, tokenizer, test, max_new,
                         settings, out)
     write_plots(stages, rows, out)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
     table = results_table(rows, task_names)
     print(f"\nSDAR demo: {len(test)} held-out problems ({', '.join(task_names)}), greedy, "
@@ -252,11 +257,12 @@ def run(args: argparse.Namespace) -> int:
           f"({stages['sdar']['seconds']:.0f}s); SDAR rows: low_confidence_dynamic, steps = B, "
           f"model adapted at B=4")
     print(table)
-    print(f"tokens/s: decoding only (compilation excluded); total wall time {wall:.0f}s")
+    print(f"tokens/s: decoding only (compilation excluded); total wall time {wall:.0f}s, "
+          f"CPU time {cpu:.0f}s")
     print(f"plots: {os.path.join(out, 'loss_curves.png')}, {os.path.join(out, 'accuracy_vs_tpf.png')}")
     summary = {
         "quick": args.quick, "tasks": list(task_names), "num_test": len(test),
-        "max_new_tokens": max_new, "wall_seconds": wall,
+        "max_new_tokens": max_new, "wall_seconds": wall, "cpu_seconds": cpu,
         "training": {k: {kk: vv for kk, vv in v.items()} for k, v in stages.items()},
         "configs": {"ar": ar_cfg.to_dict(), "sdar": sdar_cfg.to_dict()},
         "eval_settings": dataclasses.asdict(settings),
