@@ -17,9 +17,9 @@ one row, id 49152 (`<|mask|>`), to the tied embedding (initialised to the
 mean embedding) and to the tokenizer; `MASK_TOKEN_ID` is that id and
 `VOCAB_SIZE` the extended vocabulary.
 
-Sizes are for a shared 2-core CPU, where one SDAR step on 8 rows of 128
-tokens takes about a minute: 128-token rows, a few dozen steps (the script
-sets the batch and steps). The learning rate is far above the paper-scale
+Sizes are for a shared 2-core CPU, where one SDAR step on 4 rows of 128
+tokens took ~28 s: 128-token rows, a few dozen steps (the script sets the
+batch and steps). The learning rate is far above the paper-scale
 recipe's 1e-5 because the budget is ~10^4 tokens instead of ~10^10.
 """
 
