@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -39,7 +39,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sdar_jax.config import ModelConfig
-from sdar_jax.model import transformer
+
+if TYPE_CHECKING:
+    from sdar_jax.model.transformer import KVCache
 
 logger = logging.getLogger(__name__)
 
@@ -280,11 +282,15 @@ def _path_str(path: tuple) -> str:
 
 def param_shapes(model_config: ModelConfig) -> dict:
     """ShapeDtypeStructs of every parameter, a tree like `init_params`."""
+    from sdar_jax.model import transformer  # the model imports this module
+
     return nn.unbox(transformer.abstract_params(model_config))
 
 
 def param_specs(model_config: ModelConfig, parallel_config: ParallelConfig, mesh: Mesh) -> dict:
     """PartitionSpecs (over mesh axes) for every parameter, a tree like `init_params`."""
+    from sdar_jax.model import transformer  # the model imports this module
+
     logical = transformer.param_logical_axes(model_config)
     shapes = param_shapes(model_config)
     rules, mesh_shape = parallel_config.rules, _mesh_shape(mesh)
@@ -388,9 +394,7 @@ def batch_shardings(
     )
 
 
-def cache_shardings(
-    cache: transformer.KVCache, parallel_config: ParallelConfig, mesh: Mesh
-) -> transformer.KVCache:
+def cache_shardings(cache: KVCache, parallel_config: ParallelConfig, mesh: Mesh) -> KVCache:
     """NamedShardings for a KVCache (k, v: [layers, batch, max_len, kv_heads, head_dim]).
 
     The batch is sharded like training batches where the batch axes divide it
@@ -401,33 +405,38 @@ def cache_shardings(
             CACHE_LOGICAL_AXES, x.shape, parallel_config.rules, _mesh_shape(mesh), where=f"cache.{name}"
         ))
 
-    return transformer.KVCache(k=one(cache.k, "k"), v=one(cache.v, "v"))
+    return cache.replace(k=one(cache.k, "k"), v=one(cache.v, "v"))
 
 
-def constrain_cache(
-    cache: transformer.KVCache, parallel_config: ParallelConfig | None = None
-) -> transformer.KVCache:
-    """Pins a KV cache made inside a jitted function to its rule-derived sharding.
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], *, where: str = "activation") -> jax.Array:
+    """`with_sharding_constraint` by logical names, for use inside jitted code.
 
-    Uses the mesh set with `jax.set_mesh`; without one (or on one device) the
-    cache is returned unchanged, so single-device decoding is unaffected.
+    The mesh is the one set with `jax.set_mesh` and the rules are the
+    defaults (the model cannot see the run's config; the constraints it
+    places only name `batch`, `length` and the cache's axes); mesh axes the
+    mesh lacks count as size 1. Without
+    a mesh, or on one device, `x` is returned unchanged. Dimensions the
+    rules' axes do not divide are left replicated, as for parameters.
 
     Args:
-      cache: k, v [layers, batch, max_len, kv_heads, head_dim] (traced).
-      parallel_config: the rules to apply; None uses the default rules.
+      x: any array; logical_axes: one logical name (or None) per dimension.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return cache
-    missing = [axis for axis in MESH_AXES if axis not in mesh.axis_names]
-    if missing:
-        raise ParallelConfigError(
-            f"constrain_cache: the current mesh has axes {mesh.axis_names}; expected {MESH_AXES} "
-            "(build it with sdar_jax.parallel.make_mesh)"
-        )
-    rules = (parallel_config or ParallelConfig()).rules
-    spec = logical_to_mesh_spec(CACHE_LOGICAL_AXES, cache.k.shape, rules, dict(mesh.shape), where="cache")
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), cache)
+        return x
+    # A mesh with only some of MESH_AXES (e.g. data x expert) acts as if the others had size 1.
+    sizes = {axis: dict(mesh.shape).get(axis, 1) for axis in MESH_AXES}
+    spec = logical_to_mesh_spec(logical_axes, x.shape, dict(DEFAULT_LOGICAL_AXIS_RULES), sizes, where=where)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def constrain_cache(cache: KVCache) -> KVCache:
+    """Pins a KV cache made inside a jitted function to its rule-derived sharding
+    (see `constrain`; k, v: [layers, batch, max_len, kv_heads, head_dim])."""
+    return cache.replace(
+        k=constrain(cache.k, CACHE_LOGICAL_AXES, where="cache.k"),
+        v=constrain(cache.v, CACHE_LOGICAL_AXES, where="cache.v"),
+    )
 
 
 def process_batch_slice(sharding: NamedSharding, global_batch: int) -> slice:

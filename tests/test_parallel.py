@@ -6,6 +6,7 @@ Runs on the 8 fake CPU devices that tests/conftest.py sets up.
 from __future__ import annotations
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -361,3 +362,26 @@ def test_sharded_decoding_equals_single_device():
         got = generate(sharded, config, prompts, lengths, jax.random.key(0), decode)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     np.testing.assert_array_equal(np.asarray(got.num_forwards), np.asarray(want.num_forwards))
+
+
+def test_fsdp_runs_each_matmul_on_the_devices_own_rows():
+    """fsdp 8: the layer-boundary activation constraint keeps tokens sharded (weights are
+    gathered instead), so no 2-D matmul sees all BATCH * 2 * SEQ tokens of the SDAR rows."""
+    config = _run_config("tiny")
+    model = train_config.model_config(config)
+    tx = optax.scale(-1.0)
+    pconfig = ParallelConfig(data=1, fsdp=8)
+    mesh = parallel.make_mesh(pconfig)
+    abstract = abstract_train_state(model, tx)
+    state_sh = parallel.state_shardings(abstract, model, pconfig, mesh)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(model))
+    batch_sh = parallel.batch_shardings(batch, pconfig, mesh)
+    train_step = step_lib.compile_train_step(
+        config, model, tx, optax.constant_schedule(1.0), state_shardings=state_sh, batch_shardings=batch_sh
+    )
+    with jax.set_mesh(mesh):
+        hlo = train_step.lower(abstract, batch).compile().as_text()
+    rows = [int(n) for n in re.findall(r"f32\[(\d+),\d+\]\{1,0\} dot\(", hlo)]
+    local_tokens = BATCH * 2 * SEQ // 8
+    assert local_tokens in rows
+    assert BATCH * 2 * SEQ not in rows, sorted(set(rows))

@@ -14,6 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from sdar_jax import parallel
 from sdar_jax.config import ModelConfig
 from sdar_jax.model.attention import Attention
 from sdar_jax.model.layers import RMSNorm, SwiGLU, dense_init, dtype_of, logical_init
@@ -84,6 +85,9 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, carry, layer_cache, positions, segment_ids):
         x, router_totals = carry
+        # Batch-sharded activations at every layer boundary (a no-op without a mesh): without
+        # it GSPMD may follow the fsdp-sharded weights and gather the batch instead.
+        x = parallel.constrain(x, ("batch", "length", None))
         cfg = self.config
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, param_dtype, "embed", name="input_layernorm")(x)
