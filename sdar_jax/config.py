@@ -65,7 +65,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"  # Pallas on GPU/TPU, the XLA reference on CPU
 
     def __post_init__(self) -> None:
         _validate(self)

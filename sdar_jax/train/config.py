@@ -73,7 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32",
         param_dtype="float32",
         remat_policy="none",
-        attention_impl="xla",
+        # "auto": the Pallas kernels on GPU/TPU, the XLA reference on CPU.
+        attention_impl="auto",
     ))
 
     config.objective = ml_collections.ConfigDict(dict(
