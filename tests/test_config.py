@@ -11,7 +11,9 @@ import pytest
 from sdar_jax.config import ConfigError, ModelConfig, from_hf_config, get_preset, load_hf_config, to_hf_config
 from tests.helpers import hf_models
 
-REFERENCE = "/work/shared/reference/configs"
+from tests.helpers.shared import REFERENCE_DIR
+
+REFERENCE = os.path.join(REFERENCE_DIR, "configs")
 needs_reference = pytest.mark.skipif(
     not os.path.isdir(REFERENCE), reason=f"reference configs not found at {REFERENCE}"
 )

@@ -23,6 +23,7 @@ from launch import convert_checkpoint
 from sdar_jax import convert
 from sdar_jax.config import get_preset, load_hf_config
 from sdar_jax.model import transformer
+from tests.helpers.shared import REFERENCE_DIR
 from tests.helpers import hf_models
 
 
@@ -284,7 +285,7 @@ def test_save_and_load_trained_params(tmp_path):
 
 
 def test_rules_name_every_tensor_of_a_released_sdar_checkpoint():
-    index = "/work/shared/reference/configs/SDAR-4B-Chat.safetensors.index.json"
+    index = os.path.join(REFERENCE_DIR, "configs", "SDAR-4B-Chat.safetensors.index.json")
     if not os.path.isfile(index):
         pytest.skip(f"reference index not found at {index}")
     with open(index) as f:

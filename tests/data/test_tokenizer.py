@@ -18,7 +18,9 @@ from sdar_jax.data.tokenizer import (CHAR_TOKENIZER_DIR, Tokenizer, TokenizerErr
                                      build_char_tokenizer, compile_chat_template,
                                      load_char_tokenizer)
 
-SDAR_DIR = "/work/shared/reference/sdar-tokenizer"
+from tests.helpers.shared import REFERENCE_DIR  # noqa: E402
+
+SDAR_DIR = os.path.join(REFERENCE_DIR, "sdar-tokenizer")
 
 TEXTS = [
     "Hello, world!",
