@@ -22,6 +22,10 @@ SUPPORTED_MODEL_TYPES = _QWEN3_TYPES + _QWEN3_MOE_TYPES + _LLAMA_TYPES
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "pallas", "auto")
+# How a block-diffusion model reads the token at position j (spec §2.7):
+# "same_position" (SDAR's release) from the output at j, "shifted" (Dream,
+# Fast-dLLM v2) from the output at j - 1, as an AR model does.
+LOGITS_CONVENTIONS = ("same_position", "shifted")
 
 
 class ConfigError(ValueError):
@@ -61,6 +65,7 @@ class ModelConfig:
     mask_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    logits_convention: str = "same_position"
     # Runtime: do not change the weights.
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -138,7 +143,7 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"ModelConfig.rope_theta must be positive, got {cfg.rope_theta}")
     for name, allowed in (
         ("dtype", DTYPES), ("param_dtype", DTYPES), ("remat_policy", REMAT_POLICIES),
-        ("attention_impl", ATTENTION_IMPLS),
+        ("attention_impl", ATTENTION_IMPLS), ("logits_convention", LOGITS_CONVENTIONS),
     ):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(
@@ -221,6 +226,7 @@ def from_hf_config(hf: Mapping[str, Any], source: str = "config.json", **runtime
         mask_token_id=hf.get("mask_token_id"),
         bos_token_id=_single_id(hf.get("bos_token_id")),
         eos_token_id=_single_id(hf.get("eos_token_id")),
+        logits_convention=hf.get("logits_convention", "same_position"),
     )
     if is_moe:
         mlp_only = list(hf.get("mlp_only_layers") or [])
@@ -316,6 +322,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         hf["block_size"] = cfg.block_size
     if cfg.mask_token_id is not None:
         hf["mask_token_id"] = cfg.mask_token_id
+    if cfg.logits_convention != "same_position":
+        hf["logits_convention"] = cfg.logits_convention
     return hf
 
 
