@@ -179,7 +179,8 @@ def test_shifted_reads_the_previous_output(same_position_model):
     assert int(moved.tokens[1, 0]) == int(jnp.argmax(logits[0, -1]))
 
 
-def test_stop_ids_freeze_rows(model):
+def test_stop_ids_freeze_rows(same_position_model):
+    model = same_position_model  # the conventions share this code; both are compared above
     config, _ = model
     base = DecodeConfig(block_length=4, steps=4, strategy="low_confidence_dynamic",
                         threshold=0.5, max_new_tokens=MAX_NEW)
@@ -201,7 +202,8 @@ def test_stop_ids_freeze_rows(model):
         assert result.num_forwards[r] < free.num_forwards[r]
 
 
-def test_ragged_batch_equals_each_row_alone_and_sampling_is_per_row(model):
+def test_ragged_batch_equals_each_row_alone_and_sampling_is_per_row(same_position_model):
+    model = same_position_model  # the conventions share this code; both are compared above
     dc = DecodeConfig(block_length=4, steps=4, strategy="low_confidence_dynamic", threshold=0.5,
                       temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=MAX_NEW)
     keys = jax.random.split(jax.random.key(3), len(PROMPTS))
@@ -220,7 +222,8 @@ def test_ragged_batch_equals_each_row_alone_and_sampling_is_per_row(model):
     assert not np.array_equal(other.tokens, batch.tokens)
 
 
-def test_prompt_bucket_padding_does_not_change_greedy_tokens(model):
+def test_prompt_bucket_padding_does_not_change_greedy_tokens(same_position_model):
+    model = same_position_model  # the conventions share this code; both are compared above
     dc = DecodeConfig(block_length=4, steps=2, strategy="low_confidence_dynamic", threshold=0.5,
                       max_new_tokens=MAX_NEW)
     batch = _decode(model, dc)
