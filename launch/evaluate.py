@@ -14,10 +14,17 @@ answer, or a full solution ending in `#### 42` / holding `\\boxed{..}`);
 times with its own PRNG keys, and the summary adds unbiased pass@k for each
 `--k` and majority-vote accuracy.
 
+Each bucket decodes in one jitted call with continuous batching over
+`--batch-size` slots (a finished row's slot takes the next waiting row).
+
 Outputs: one JSON line per problem in `--output` (samples, extracted
-answers, correctness, TPF), the summary JSON in `--summary` (default: next to
-`--output` as `<output stem>.summary.json`), and the summary printed. Bad
-input exits with status 2 and a one-line message naming the value.
+answers, correctness, TPF), appended and flushed as soon as the problem's
+last sample is decoded (finished work survives a later failure) and
+rewritten in input order at the end; the summary JSON in `--summary`
+(default: next to `--output` as `<output stem>.summary.json`), and the
+summary printed. Both output paths are checked for writability before any
+work. Compilations are cached on disk (`--compilation-cache`). Bad input
+exits with status 2 and a one-line message naming the value.
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ import os
 import sys
 from typing import Any, Sequence
 
-from sdar_jax.decode.cli import DecodingArgsError, add_decoding_args, decode_config_from_args, resolve_stop_ids
+from sdar_jax.decode.cli import (
+    DecodingArgsError, add_cache_args, add_decoding_args, check_writable, decode_config_from_args,
+    enable_compilation_cache, resolve_stop_ids,
+)
 from sdar_jax.eval import answers
 from sdar_jax.eval.runner import EvalSettings
 
@@ -63,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_decoding_args(parser)
+    add_cache_args(parser)
     return parser
 
 
@@ -105,6 +116,16 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    summary_path = _summary_path(args)
+    try:
+        if args.output:
+            check_writable(args.output, "--output")
+        if summary_path:
+            check_writable(summary_path, "--summary")
+        enable_compilation_cache(args)
+    except DecodingArgsError as e:
+        raise UsageError(str(e)) from e
+
     from sdar_jax import convert
     from sdar_jax.data.tokenizer import TokenizerError, load_tokenizer
     from sdar_jax.eval import runner
@@ -137,12 +158,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"tokenizer {tokenizer_dir!r}: {e}") from e
     try:
         decode_config = decode_config_from_args(args, config, resolve_stop_ids(args, tokenizer, config))
-        result = runner.evaluate(params, config, tokenizer, examples, decode_config, settings)
-    except ValueError as e:  # DecodingArgsError, temperature / n-samples, prompt length
+    except ValueError as e:
         raise UsageError(str(e)) from e
-    if args.output:
-        runner.write_jsonl(args.output, result.records)
-    summary_path = _summary_path(args)
+    output = runner.JsonlStream(args.output) if args.output else None
+    try:
+        result = runner.evaluate(
+            params, config, tokenizer, examples, decode_config, settings,
+            on_record=None if output is None else lambda _, record: output.append(record))
+    except ValueError as e:  # temperature / n-samples, prompt length
+        raise UsageError(str(e)) from e
+    if output is not None:
+        output.finish(result.records)
     if summary_path:
         runner.write_summary(summary_path, result.summary)
     print(format_summary(result.summary))
