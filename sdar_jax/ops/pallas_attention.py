@@ -70,6 +70,9 @@ def pallas_attention(
     kv_segment_ids: jnp.ndarray | None = None,
     backend: str | None = None,
     interpret: bool | None = None,
+    gpu_blocks: pallas_gpu.BlockSizes = pallas_gpu.BlockSizes(),
+    decode_block_k: int | None = None,
+    decode_splits: int | None = None,
 ) -> jnp.ndarray:
     """Masked attention through the Pallas kernels; arguments as `ops.attention.attention`.
 
@@ -78,6 +81,9 @@ def pallas_attention(
         kernels interpreted when that is the CPU).
       interpret: run in the Pallas interpreter; None: only when the default
         JAX backend is not an accelerator.
+      gpu_blocks: tile sizes of the GPU training / prefill kernels (tuning).
+      decode_block_k, decode_splits: cache tile length and split count of the
+        decode kernel (None: its defaults; see `pallas_decode.decode_attention`).
 
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype.
@@ -92,8 +98,10 @@ def pallas_attention(
         interpret = platform not in BACKENDS
     metadata = (q_positions, kv_positions, q_segment_ids, kv_segment_ids)
 
+    tuning = dict(gpu_blocks=gpu_blocks, decode_block_k=decode_block_k, decode_splits=decode_splits)
+
     def local(q, k, v, *metadata):
-        return _dispatch(q, k, v, mask, *metadata, backend=backend, interpret=interpret)
+        return _dispatch(q, k, v, mask, *metadata, backend=backend, interpret=interpret, **tuning)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
@@ -137,7 +145,8 @@ def _kernel_head_dim(backend: str, head_dim: int) -> bool:
 
 
 def _dispatch(q, k, v, mask, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *,
-              backend: str, interpret: bool) -> jnp.ndarray:
+              backend: str, interpret: bool, gpu_blocks: pallas_gpu.BlockSizes,
+              decode_block_k: int | None, decode_splits: int | None) -> jnp.ndarray:
     """Chooses the kernel for one device's operands."""
     q_len, kv_len = q.shape[1], k.shape[1]
     groups = q.shape[2] // k.shape[2]
@@ -157,7 +166,9 @@ def _dispatch(q, k, v, mask, q_positions, kv_positions, q_segment_ids, kv_segmen
         if q_len == kv_len:
             return pallas_tpu.splash_attention(q, k, v, mask=mask, segment_ids=q_segment_ids,
                                                interpret=interpret)
-        return pallas_decode.decode_attention(q, k, v, **kw, backend="tpu", interpret=interpret)
+        return pallas_decode.decode_attention(q, k, v, **kw, backend="tpu", block_k=decode_block_k,
+                                              interpret=interpret)
     if q_len != kv_len and q_len * groups <= pallas_decode.MAX_DECODE_ROWS and mask.kind != "block_diffusion":
-        return pallas_decode.decode_attention(q, k, v, **kw, backend="gpu", interpret=interpret)
-    return pallas_gpu.flash_attention(q, k, v, **kw, interpret=interpret)
+        return pallas_decode.decode_attention(q, k, v, **kw, backend="gpu", block_k=decode_block_k,
+                                              splits=decode_splits, interpret=interpret)
+    return pallas_gpu.flash_attention(q, k, v, **kw, block_sizes=gpu_blocks, interpret=interpret)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 import jax.numpy as jnp
 import numpy as np
 
@@ -64,3 +65,16 @@ def reference(q, k, v, dout, mask_kwargs):
 
 def max_errors(got, want):
     return [float(jnp.max(jnp.abs(g - w))) for g, w in zip(got, want)]
+
+
+def lowering_target(device_kind: str, platform: str, num_cores: int):
+    """A context naming the device to lower for on a machine without it.
+
+    JAX 0.11 asks the abstract mesh for the target of an ahead-of-time Triton or
+    Mosaic lowering (GPU compute capability, TPU generation) instead of the
+    local device; 0.10 reads the same field for Mosaic. A one-device mesh keeps
+    `pallas_attention` off its shard_map path.
+    """
+    device = AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform=platform)
+    mesh = AbstractMesh((1,), ("lowering",), (AxisType.Explicit,), abstract_device=device)
+    return jax.sharding.use_abstract_mesh(mesh)

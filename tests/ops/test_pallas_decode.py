@@ -61,3 +61,29 @@ def test_decode_rejects_the_training_mask():
     q, k, v, kw = _cache_case(0, batch=1, block_size=4, max_len=16, heads=2, kv_heads=2)
     with pytest.raises(ValueError, match="block_diffusion"):
         pallas_decode.decode_attention(q, k, v, **dict(kw, mask=masks.block_diffusion(4)), interpret=True)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_unused_decode_kernel_is_dead_code(backend):
+    """A bare pallas_call survives dead-code elimination, which newer flax's nn.scan reads as the
+    layer body's data dependency (the model then fails to trace); the wrapped kernel does not."""
+    import jax
+    from jax._src.interpreters import partial_eval as pe
+
+    q, k, v, kw = _cache_case(0, batch=2, block_size=4, max_len=64, heads=4, kv_heads=2)
+
+    def discards_attention(q, k, v):
+        pallas_decode.decode_attention(q, k, v, **kw, backend=backend, interpret=True)
+        return q
+
+    closed = jax.make_jaxpr(discards_attention)(q, k, v)
+    _, used_inputs = pe.dce_jaxpr(closed.jaxpr, [True])
+    assert used_inputs == [True, False, False]
+
+
+def test_decode_kernel_refuses_gradients():
+    import jax
+
+    q, k, v, kw = _cache_case(0, batch=1, block_size=4, max_len=32, heads=4, kv_heads=2)
+    with pytest.raises(TypeError, match="forward-only"):
+        jax.grad(lambda q: pallas_decode.decode_attention(q, k, v, **kw, interpret=True).sum())(q)
