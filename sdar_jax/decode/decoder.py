@@ -134,9 +134,7 @@ class DecodeConfig:
         """The SAID budget split over stages (said / said_chlg only)."""
         chlg = self.strategy == "said_chlg"
         rec = 1 + self.chlg_extra_steps if chlg else self.said_rec_steps
-        return said.stage_steps(
-            self.block_length, self.said_stages, self.steps, rec, rec_capped=not chlg
-        )
+        return said.stage_steps(self.block_length, self.said_stages, self.steps, rec)
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:
@@ -357,17 +355,13 @@ def _propose(static, knobs, logits, keys):
 def _select(static, knobs, confidence, entropy, masked, step, stage_done):
     """The strategy's commit mask for one step; updates SAID's per-stage counters."""
     if static.staged is not None:
-        commit, stage = said.said_select(
+        commit, stage_done = said.said_select(
             confidence, masked, stage_done,
             stage_of=said.stage_partition(static.block_length, static.said_stages),
             steps_per_stage=knobs["steps_per_stage"],
             threshold=knobs["said_threshold"] if static.said_dynamic else None,
             chlg_threshold=knobs["chlg_threshold"] if static.staged == "said_chlg" else None,
             chlg_extra_steps=knobs["chlg_extra_steps"],
-        )
-        took_step = masked.any(-1)
-        stage_done = stage_done + (
-            took_step[:, None] & (jnp.arange(static.said_stages)[None] == stage[:, None])
         )
         return commit, stage_done
     count = strategies.step_count(step, knobs["steps"], static.block_length)
@@ -457,7 +451,7 @@ def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, conf
         zeros = jnp.zeros((batch,), jnp.int32)
         inner = (
             jnp.int32(0), block, masked0, cache,
-            jnp.zeros((batch, static.said_stages), jnp.int32), zeros, zeros,
+            said.init_stage_state(batch, static.said_stages), zeros, zeros,
         )
         s, block, _, cache, _, block_forwards, n_committed = jax.lax.while_loop(
             step_cond, step_body, inner
