@@ -17,8 +17,9 @@ from jax.sharding import PartitionSpec as P
 
 from sdar_jax import parallel
 from sdar_jax.config import get_preset
+from sdar_jax.model import sharding as model_sharding
 from sdar_jax.model import transformer
-from sdar_jax.parallel import ParallelConfig, ParallelConfigError
+from sdar_jax.parallel import ParallelConfig, ParallelConfigError, ShardingContext
 from sdar_jax.train import config as train_config
 from sdar_jax.train import step as step_lib
 from sdar_jax.train.state import abstract_train_state, create_train_state
@@ -100,6 +101,10 @@ def _by_name(tree) -> dict:
     return {"/".join(k.key for k in path): leaf for path, leaf in flat}
 
 
+def _context(pconfig: ParallelConfig, devices=None) -> ShardingContext:
+    return ShardingContext.from_config(pconfig, devices)
+
+
 def _batch(config, batch: int = BATCH, seq: int = SEQ) -> dict[str, np.ndarray]:
     """Rows packing an 8-token and a 4-token example (first block a prompt), then 4 padding tokens."""
     rng = np.random.default_rng(0)
@@ -158,11 +163,10 @@ def test_from_mapping_reads_the_run_config_mesh_section():
 def test_unknown_logical_name_is_an_error():
     rules = dict(parallel.DEFAULT_LOGICAL_AXIS_RULES)
     del rules["mlp"]
-    pconfig = ParallelConfig(logical_rules=tuple(rules.items()))
-    mesh = parallel.make_mesh(pconfig)
+    context = _context(ParallelConfig(logical_rules=tuple(rules.items())))
     message = "param layers/mlp/down_proj/kernel: logical axis 'mlp' has no rule"
     with pytest.raises(ParallelConfigError, match=message):
-        parallel.param_specs(get_preset("tiny"), pconfig, mesh)
+        model_sharding.param_specs(get_preset("tiny"), context)
 
 
 # ---------------------------------------------------------------------------
@@ -171,17 +175,15 @@ def test_unknown_logical_name_is_an_error():
 
 @pytest.mark.parametrize("preset, pconfig, expected", CASES)
 def test_param_specs_follow_the_rules(preset, pconfig, expected):
-    mesh = parallel.make_mesh(pconfig)
-    specs = _by_name(parallel.param_specs(get_preset(preset), pconfig, mesh))
+    specs = _by_name(model_sharding.param_specs(get_preset(preset), _context(pconfig)))
     assert specs == expected
 
 
 def test_indivisible_dimension_falls_back_to_replication(caplog):
     # tensor 8: heads (4) and kv_heads (2) do not divide; vocab 512 and mlp 128 do.
-    pconfig = ParallelConfig(data=1, tensor=8)
-    mesh = parallel.make_mesh(pconfig)
+    context = _context(ParallelConfig(data=1, tensor=8))
     with caplog.at_level(logging.WARNING, logger="sdar_jax.parallel"):
-        specs = _by_name(parallel.param_specs(get_preset("tiny"), pconfig, mesh))
+        specs = _by_name(model_sharding.param_specs(get_preset("tiny"), context))
     assert specs["layers/self_attn/q_proj/kernel"] == P(None, None, None, None)
     assert specs["layers/self_attn/k_proj/kernel"] == P(None, None, None, None)
     assert specs["layers/mlp/up_proj/kernel"] == P(None, None, TP)
@@ -205,7 +207,7 @@ def test_released_models_shard_without_fallback(preset, sizes, gate_spec, caplog
         tuple(shape.values()), parallel.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4
     )
     with caplog.at_level(logging.WARNING, logger="sdar_jax.parallel"):
-        specs = parallel.param_specs(get_preset(preset), ParallelConfig(), mesh)
+        specs = model_sharding.param_specs(get_preset(preset), ShardingContext(mesh))
     assert caplog.text == ""
     assert specs["layers"]["mlp"]["gate_proj"]["kernel"] == gate_spec
 
@@ -221,37 +223,34 @@ def test_partial_fallback_keeps_the_dividing_prefix():
 
 
 def test_batch_shardings_require_divisible_batch():
-    pconfig = ParallelConfig(data=8)
-    mesh = parallel.make_mesh(pconfig)
+    context = _context(ParallelConfig(data=8))
     batch = _batch(get_preset("tiny"), batch=8)
-    shardings = parallel.batch_shardings(batch, pconfig, mesh)
+    shardings = context.batch_shardings(batch)
     assert {s.spec for s in shardings.values()} == {P("data", None)}
     message = "batch loss_mask: dimension 'batch' of size 4 is not divisible by mesh axes \\('data',\\)"
     with pytest.raises(ParallelConfigError, match=message):
-        parallel.batch_shardings(_batch(get_preset("tiny"), batch=4), pconfig, mesh)
+        context.batch_shardings(_batch(get_preset("tiny"), batch=4))
 
 
 def test_cache_shardings():
     config = get_preset("tiny")
-    pconfig = ParallelConfig(data=2, fsdp=2, tensor=2)
-    mesh = parallel.make_mesh(pconfig)
+    context = _context(ParallelConfig(data=2, fsdp=2, tensor=2))
     cache = jax.eval_shape(lambda: transformer.init_cache(config, 4, 32))
-    shardings = parallel.cache_shardings(cache, pconfig, mesh)
+    shardings = context.cache_shardings(cache)
     assert shardings.k.spec == P(None, ("data", "fsdp"), None, TP, None)
     one_row = jax.eval_shape(lambda: transformer.init_cache(config, 1, 32))
-    assert parallel.cache_shardings(one_row, pconfig, mesh).v.spec == P(None, None, None, TP, None)
+    assert context.cache_shardings(one_row).v.spec == P(None, None, None, TP, None)
 
 
 def test_state_shardings_cover_optimizer_moments():
     config = get_preset("tiny")
-    pconfig = ParallelConfig(data=2, fsdp=2, tensor=2)
-    mesh = parallel.make_mesh(pconfig)
+    context = _context(ParallelConfig(data=2, fsdp=2, tensor=2))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
-    params = parallel.param_shapes(config)
+    params = model_sharding.param_shapes(config)
     state = jax.eval_shape(
         lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params
     )
-    shardings = parallel.state_shardings(state, config, pconfig, mesh)
+    shardings = model_sharding.state_shardings(state, config, context)
     adam = shardings["opt_state"][1][0]
     expected = DENSE_DP2_FSDP2_TP2
     assert _by_name(jax.tree.map(lambda s: s.spec, shardings["params"])) == expected
@@ -290,14 +289,14 @@ def _one_step(preset: str, pconfig: ParallelConfig, devices=None):
     config = _run_config(preset)
     model = train_config.model_config(config)
     tx = optax.scale(-1.0)
-    mesh = parallel.make_mesh(pconfig, devices)
-    state_sh = parallel.state_shardings(abstract_train_state(model, tx), model, pconfig, mesh)
+    context = _context(pconfig, devices)
+    state_sh = model_sharding.state_shardings(abstract_train_state(model, tx), model, context)
     batch = _batch(model)
-    batch_sh = parallel.batch_shardings(batch, pconfig, mesh)
+    batch_sh = context.batch_shardings(batch)
     train_step = step_lib.compile_train_step(
         config, model, tx, optax.constant_schedule(1.0), state_shardings=state_sh, batch_shardings=batch_sh
     )
-    with jax.set_mesh(mesh):
+    with context.activate():
         state = jax.jit(lambda r: create_train_state(model, tx, r), out_shardings=state_sh)(jax.random.key(0))
         params = jax.device_get(state.params)
         new_state, metrics = train_step(state, jax.device_put(batch, batch_sh))
@@ -355,10 +354,9 @@ def test_sharded_decoding_equals_single_device():
     decode = DecodeConfig(block_length=4, steps=2, max_new_tokens=8, strategy="low_confidence_static")
     want = generate(params, config, prompts, lengths, jax.random.key(0), decode)
 
-    pconfig = ParallelConfig(data=2, fsdp=2, tensor=2)
-    mesh = parallel.make_mesh(pconfig)
-    sharded = jax.device_put(params, parallel.param_shardings(config, pconfig, mesh))
-    with jax.set_mesh(mesh):
+    context = _context(ParallelConfig(data=2, fsdp=2, tensor=2))
+    sharded = jax.device_put(params, model_sharding.param_shardings(config, context))
+    with context.activate():
         got = generate(sharded, config, prompts, lengths, jax.random.key(0), decode)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     np.testing.assert_array_equal(np.asarray(got.num_forwards), np.asarray(want.num_forwards))
@@ -370,16 +368,15 @@ def test_fsdp_runs_each_matmul_on_the_devices_own_rows():
     config = _run_config("tiny")
     model = train_config.model_config(config)
     tx = optax.scale(-1.0)
-    pconfig = ParallelConfig(data=1, fsdp=8)
-    mesh = parallel.make_mesh(pconfig)
+    context = _context(ParallelConfig(data=1, fsdp=8))
     abstract = abstract_train_state(model, tx)
-    state_sh = parallel.state_shardings(abstract, model, pconfig, mesh)
+    state_sh = model_sharding.state_shardings(abstract, model, context)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(model))
-    batch_sh = parallel.batch_shardings(batch, pconfig, mesh)
+    batch_sh = context.batch_shardings(batch)
     train_step = step_lib.compile_train_step(
         config, model, tx, optax.constant_schedule(1.0), state_shardings=state_sh, batch_shardings=batch_sh
     )
-    with jax.set_mesh(mesh):
+    with context.activate():
         hlo = train_step.lower(abstract, batch).compile().as_text()
     rows = [int(n) for n in re.findall(r"f32\[(\d+),\d+\]\{1,0\} dot\(", hlo)]
     local_tokens = BATCH * 2 * SEQ // 8
