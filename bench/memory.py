@@ -20,9 +20,11 @@ the smallest one that fits. The devices are fake CPU devices
 (`--xla_force_host_platform_device_count`), so the figures are XLA:CPU's
 buffer assignment for the partitioned program: the sharding (GSPMD) is the
 one an accelerator gets, but kernels differ: attention runs the `--attention`
-implementation ("xla": the reference, which materialises [q, kv] scores per
-layer; "pallas": the GPU kernels in the Pallas interpreter), and the MoE
-grouped matmul is the tiled XLA loop.
+implementation ("pallas", the default: the flash-attention and decode kernels
+an accelerator runs, here in the Pallas interpreter; "xla": the reference,
+which materialises [q, kv] float32 scores per layer), the MoE grouped matmul
+is the tiled XLA loop, and XLA:CPU may keep float32 copies of bfloat16
+operands that an accelerator would not.
 
     python bench/memory.py                           # everything (slow: many large compiles)
     python bench/memory.py --models sdar-8b --devices 8 --programs decode
@@ -151,7 +153,7 @@ def main() -> None:
     parser.add_argument("--programs", default="train,decode")
     parser.add_argument("--rows-per-shard", type=int, default=1, help="train rows per batch shard")
     parser.add_argument("--hbm-gb", type=float, default=16.0, help="memory of one chip")
-    parser.add_argument("--attention", default="xla", choices=("xla", "pallas"))
+    parser.add_argument("--attention", default="pallas", choices=("xla", "pallas"))
     args = parser.parse_args()
 
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, "

@@ -17,7 +17,9 @@ Decoding then runs inside the context:
         result = decoder.generate(setup.params, setup.config, prompts, lengths, rng, decode_config)
 
 On several hosts call `sdar_jax.distributed.initialize_distributed()` first,
-as `launch/train.py` does; every process then runs the same calls.
+as `launch/train.py` does; every process then runs the same calls (the same
+prompts on every process) and reads results with `to_host`, which gathers
+arrays whose shards live on other processes' devices.
 """
 
 from __future__ import annotations
@@ -107,6 +109,19 @@ def restore_params(
             shapes, shardings,
         )
         return ckptr.restore(params_dir, target)
+
+
+def to_host(tree: Any) -> Any:
+    """numpy copies of a pytree of jax.Arrays on every process (sharded results of a
+    multi-process run are all-gathered first; single-process arrays are just fetched)."""
+    from jax.experimental import multihost_utils
+
+    def one(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
 def setup_inference(

@@ -17,7 +17,7 @@ from sdar_jax.decode.decoder import DecodeConfig, generate
 from sdar_jax.model import sharding as model_sharding
 from sdar_jax.model import transformer
 from sdar_jax.parallel import ParallelConfig, ParallelConfigError
-from sdar_jax.sharded_restore import RestoreError, restore_params, setup_inference
+from sdar_jax.sharded_restore import RestoreError, restore_params, setup_inference, to_host
 
 # One decode config per strategy (the staged SAID ones need their own budgets).
 DECODES = {
@@ -128,7 +128,7 @@ def test_sharded_decoding_equals_one_device(checkpoints, single_device, preset, 
     prompts, lengths = _prompts(setup.config.vocab_size)
     with setup.context.activate():
         for name, dc in DECODES.items():
-            got = generate(setup.params, setup.config, prompts, lengths, jax.random.key(0), dc)
+            got = to_host(generate(setup.params, setup.config, prompts, lengths, jax.random.key(0), dc))
             want_result = single_device[preset][name]
             np.testing.assert_array_equal(np.asarray(got.tokens), want_result.tokens, err_msg=name)
             np.testing.assert_array_equal(np.asarray(got.num_forwards), want_result.num_forwards, err_msg=name)
