@@ -53,6 +53,7 @@ from sdar_jax.config import ModelConfig
 from sdar_jax.convert import load_params_checkpoint, save_params_checkpoint
 from sdar_jax.data import pipeline
 from sdar_jax.data.tokenizer import Tokenizer
+from sdar_jax.model import sharding as model_sharding
 from sdar_jax.train import config as run_config
 from sdar_jax.train import optimizer as optimizer_lib
 from sdar_jax.train import step as step_lib
@@ -178,7 +179,7 @@ def _make_data(
 class _Layout:
     """Where the state and the batches live: shardings over the run's mesh."""
 
-    mesh: jax.sharding.Mesh  # set with jax.set_mesh around the run (MoE expert parallelism reads it)
+    context: parallel.ShardingContext  # active around the whole run (the model's constraints read it)
     state: Any  # TrainState of NamedShardings
     batch: dict[str, jax.sharding.NamedSharding]
     global_batch: int
@@ -189,18 +190,20 @@ class _Layout:
 
 
 def _layout(config: ml_collections.ConfigDict, model: ModelConfig, tx: Any, devices: Any) -> _Layout:
-    pconfig = parallel.ParallelConfig.from_mapping(config.mesh)
-    mesh = parallel.make_mesh(pconfig, devices)
+    context = parallel.ShardingContext.from_config(parallel.ParallelConfig.from_mapping(config.mesh), devices)
     abstract = abstract_train_state(model, tx)
     global_batch, seq_len = config.data.global_batch_size, config.data.seq_len
     batch = {
         key: jax.ShapeDtypeStruct((global_batch, seq_len), np.bool_ if key == "loss_mask" else np.int32)
         for key in ("tokens", "segment_ids", "positions", "loss_mask")
     }
+    batch_shardings = context.batch_shardings(batch)
+    # Each process feeds its own rows: stop now, naming the mesh, if its devices hold others.
+    parallel.check_process_layout(batch_shardings["tokens"], global_batch)
     return _Layout(
-        mesh=mesh,
-        state=parallel.state_shardings(abstract, model, pconfig, mesh),
-        batch=parallel.batch_shardings(batch, pconfig, mesh),
+        context=context,
+        state=model_sharding.state_shardings(abstract, model, context),
+        batch=batch_shardings,
         global_batch=global_batch,
     )
 
@@ -321,7 +324,7 @@ def train(
     )
     with contextlib.ExitStack() as stack:
         stack.enter_context(checkpointer)
-        stack.enter_context(jax.set_mesh(layout.mesh))
+        stack.enter_context(layout.context.activate())
         flag = stack.enter_context(PreemptionFlag())
         state = _initial_state(config, model, tx, layout, checkpointer, train_data)
         step = int(jax.device_get(state.step))
