@@ -4,8 +4,9 @@
   python bench/accelerator_check.py --out DIR --smoke    # CPU, interpret mode, tiny shapes (< 1 min)
 
 Writes DIR/accelerator_check.json and DIR/accelerator_check.md (rewritten after
-every section, so a run cut short keeps what it measured). Sections, each with
-a time budget (a unit of work that would start past its section's deadline is
+every section, so a run cut short keeps what it measured). Sections, run in
+the order correctness, attention, train_step, decode, tiles, each with a time
+budget (a unit of work that would start past its section's deadline is
 recorded as skipped, never silently dropped):
 
   environment  device, driver, Python, jax/jaxlib/flax/optax versions, commit.
@@ -94,6 +95,7 @@ class Plan:
     heads: int
     kv_heads: int
     blocks: tuple[int, ...]  # block sizes B of the correctness checks
+    check_dtypes: tuple[str, ...]
     head_dim: int
     check_length: int  # L of the correctness rows (row 2L)
     check_batch: int
@@ -118,16 +120,19 @@ class Plan:
 
 
 FULL = Plan(
-    heads=16, kv_heads=8, blocks=(4, 8, 16), head_dim=128, check_length=1024, check_batch=2, decode_check_batch=4,
-    decode_check_cache=2048, speed_lengths=(4096, 2048, 8192), sweep_length=4096, tile_grid=TILE_GRID,
-    decode_tile_grid=DECODE_TILE_GRID, train_preset="sdar-1.7b", train_overrides={}, train_batch=1,
-    train_length=4096, train_steps=5, decode_preset="sdar-4b", decode_overrides={}, decode_batches=(1, 128),
-    decode_prompt=16, decode_new_tokens=128, repeats=5,
-    budgets={"correctness": 75, "attention": 95, "tiles": 70, "train_step": 110, "decode": 110},
+    heads=16, kv_heads=8, blocks=(4, 8, 16), check_dtypes=("bfloat16", "float32"), head_dim=128,
+    check_length=1024, check_batch=2, decode_check_batch=4, decode_check_cache=2048,
+    speed_lengths=(4096, 2048, 8192), sweep_length=4096, tile_grid=TILE_GRID, decode_tile_grid=DECODE_TILE_GRID,
+    train_preset="sdar-1.7b", train_overrides={}, train_batch=1, train_length=4096, train_steps=5,
+    decode_preset="sdar-4b", decode_overrides={}, decode_batches=(1, 128), decode_prompt=16,
+    decode_new_tokens=128, repeats=5,
+    # Seconds per section; a section's deadline is the run's start plus the budgets up to and
+    # including it, so time an early section leaves unused passes on to the later ones.
+    budgets={"correctness": 70, "attention": 80, "train_step": 110, "decode": 150, "tiles": 50},
 )
 SMOKE = Plan(
-    heads=4, kv_heads=2, blocks=(4,), head_dim=16, check_length=32, check_batch=2, decode_check_batch=3,
-    decode_check_cache=64, speed_lengths=(32,), sweep_length=32,
+    heads=4, kv_heads=2, blocks=(4,), check_dtypes=("float32",), head_dim=16, check_length=32,
+    check_batch=2, decode_check_batch=3, decode_check_cache=64, speed_lengths=(32,), sweep_length=32,
     tile_grid=((32, 16, 16, 32, 4, 2),), decode_tile_grid=(16,),
     train_preset="tiny", train_overrides={"num_layers": 1}, train_batch=1, train_length=32, train_steps=1,
     decode_preset="tiny", decode_overrides={"num_layers": 1}, decode_batches=(1, 2), decode_prompt=4,
@@ -141,10 +146,10 @@ SMOKE = Plan(
 
 
 class Deadline:
-    """A section's end time, capped by the run's; `expired()` guards each unit of work."""
+    """A section's end time (monotonic clock); `expired()` guards each unit of work."""
 
-    def __init__(self, seconds: float, run_end: float):
-        self.end = min(time.monotonic() + seconds, run_end)
+    def __init__(self, end: float):
+        self.end = end
 
     def expired(self) -> bool:
         return time.monotonic() > self.end
@@ -159,12 +164,13 @@ def _guarded(deadline: Deadline, fn: Callable[[], dict]) -> dict:
     """Runs one unit of work: skipped past the deadline, errors recorded, never raised."""
     if deadline.expired():
         return {"skipped": "time budget"}
-    start = time.monotonic()
+    start, cpu = time.monotonic(), time.process_time()
     try:
         result = fn()
     except Exception as exc:  # noqa: BLE001 - one failing unit must not lose the rest of the run
         result = {"error": _error(exc)}
     result["wall_s"] = round(time.monotonic() - start, 2)
+    result["host_cpu_s"] = round(time.process_time() - cpu, 2)  # compile and Python work
     return result
 
 
@@ -243,9 +249,9 @@ def _judge(errors: dict, dtype: str) -> dict:
 
 def correctness(plan: Plan, deadline: Deadline, interpret: bool) -> list[dict]:
     rows = []
-    for kind, check in (("training fwd+bwd", _training_check), ("decode", _decode_check)):
-        for dtype in ("bfloat16", "float32"):
-            for block in plan.blocks:
+    for dtype in plan.check_dtypes:
+        for block in plan.blocks:
+            for kind, check in (("training fwd+bwd", _training_check), ("decode", _decode_check)):
                 result = _guarded(deadline, lambda: check(plan, dtype, block, interpret))
                 rows.append({"kernel": kind, "dtype": dtype, "block": block, **result})
     return rows
@@ -352,7 +358,8 @@ def train_step(plan: Plan, deadline: Deadline, peak: perf.DevicePeak | None) -> 
     from sdar_jax.train import state as state_lib
     from sdar_jax.train import step as step_lib
 
-    results = {}
+    results: dict = {}
+    notes: list[str] = []
     for remat in ("none", "full"):  # "full" only if the un-rematerialised step does not fit
         model = get_preset(plan.train_preset, dtype="bfloat16", param_dtype="float32", remat_policy=remat,
                            attention_impl="pallas", **plan.train_overrides)
@@ -388,10 +395,11 @@ def train_step(plan: Plan, deadline: Deadline, peak: perf.DevicePeak | None) -> 
                     "mfu": flops.total / seconds / peak.bf16_flops if peak else None}
 
         results = _guarded(deadline, run)
-        if "RESOURCE_EXHAUSTED" not in results.get("error", "") and "out of memory" not in results.get("error", ""):
+        error = results.get("error", "")
+        if "RESOURCE_EXHAUSTED" not in error and "out of memory" not in error.lower():
             break
-        results = {**results, "note": f"remat {remat} did not fit"}
-    return results
+        notes.append(f"remat {remat} did not fit: {error}")
+    return {**results, "notes": notes} if notes else results
 
 
 # ----------------------------------------------------------------------------- decode
@@ -422,7 +430,7 @@ def decode_speed(plan: Plan, deadline: Deadline, peak: perf.DevicePeak | None) -
 
         def run():
             call = lambda: generate(holder["params"], model, prompts, lengths, jax.random.key(0), dc)
-            seconds = perf.median_seconds(call, repeats=plan.repeats if batch == 1 else max(1, plan.repeats // 2))
+            seconds = perf.median_seconds(call, repeats=max(1, plan.repeats - 2 if batch == 1 else plan.repeats // 2))
             out = call()
             tokens = int(np.asarray(out.lengths).sum())
             tpf = float(np.asarray(out.tokens_per_forward).mean())
@@ -463,7 +471,9 @@ def _fmt(x: Any, digits: int = 3) -> str:
     if x is None:
         return "-"
     if isinstance(x, float):
-        return f"{x:.{digits}g}" if abs(x) < 1e-2 or abs(x) >= 1e4 else f"{x:.{digits}f}".rstrip("0").rstrip(".")
+        if abs(x) >= 1e4:
+            return f"{x:.0f}"
+        return f"{x:.{digits}g}" if abs(x) < 1e-2 else f"{x:.{digits}f}".rstrip("0").rstrip(".")
     return str(x)
 
 
@@ -516,7 +526,7 @@ def markdown(report: dict) -> str:
         out += ["## Train step", "", "| remat | batch x L | step s | useful TFLOP/s | MFU | note |",
                 "|---|---|---:|---:|---:|---|",
                 f"| {r.get('remat', '-')} | {r.get('batch', '-')} x {r.get('L', '-')} | {_fmt(r.get('step_s'))} | "
-                f"{_fmt(r.get('useful_tflops'))} | {_fmt(r.get('mfu'))} | {_status(r)} {r.get('note', '')} |", ""]
+                f"{_fmt(r.get('useful_tflops'))} | {_fmt(r.get('mfu'))} | {_status(r)} {'; '.join(r.get('notes', []))} |", ""]
     if "decode" in report:
         out += ["## Decoding (B=4, static 4 steps)", "",
                 "| stage | tokens | s | tokens/s | TPF | roofline tokens/s | fraction | note |",
@@ -548,13 +558,15 @@ def write_report(out_dir: str, report: dict) -> None:
     _write_atomic(os.path.join(out_dir, "accelerator_check.md"), markdown(report))
 
 
-def run(out_dir: str, *, smoke: bool, budget_s: float, sections: tuple[str, ...]) -> dict:
+def run(out_dir: str, *, smoke: bool, budget_s: float, sections: tuple[str, ...],
+        peak: perf.DevicePeak | None = None) -> dict:
+    """Runs `sections` and writes the report after each; `peak` overrides the device table."""
     plan = SMOKE if smoke else FULL
     start = time.monotonic()
     run_end = start + budget_s
     interpret = jax.default_backend() != "gpu"
     report: dict[str, Any] = {"environment": environment("smoke" if smoke else "full")}
-    peak = perf.device_peak(report["environment"]["device_kind"])
+    peak = peak or perf.device_peak(report["environment"]["device_kind"])
     report["peak"] = dataclasses.asdict(peak) if peak else None
     steps = {
         "correctness": lambda d: correctness(plan, d, interpret),
@@ -563,8 +575,10 @@ def run(out_dir: str, *, smoke: bool, budget_s: float, sections: tuple[str, ...]
         "train_step": lambda d: train_step(plan, d, peak),
         "decode": lambda d: decode_speed(plan, d, peak),
     }
+    scheduled = start
     for name in sections:
-        report[name] = steps[name](Deadline(plan.budgets[name], run_end))
+        scheduled += plan.budgets[name]
+        report[name] = steps[name](Deadline(min(scheduled, run_end)))
         report["wall_s"] = time.monotonic() - start
         if not interpret:
             report["targets"] = judge_targets(report)
@@ -572,7 +586,7 @@ def run(out_dir: str, *, smoke: bool, budget_s: float, sections: tuple[str, ...]
     return report
 
 
-SECTIONS = ("correctness", "attention", "tiles", "train_step", "decode")
+SECTIONS = ("correctness", "attention", "train_step", "decode", "tiles")  # in run order
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -582,7 +596,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall-clock budget of all sections (default 470; 3600 with --smoke)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense bf16 peak for MFU, with --hbm-tbps (default: the published figures "
+                             "of a device in sdar_jax.perf.DEVICE_PEAKS)")
+    parser.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth for the roofline")
     args = parser.parse_args(argv)
+    given = [x for x in (args.peak_tflops, args.hbm_tbps) if x is not None]
+    if len(given) == 1 or any(x <= 0 for x in given):
+        print("accelerator_check: give both --peak-tflops and --hbm-tbps, positive, or neither", file=sys.stderr)
+        return 2
+    peak = perf.DevicePeak(args.peak_tflops * 1e12, args.hbm_tbps * 1e12) if given else None
     try:
         os.makedirs(args.out, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=args.out, prefix=".probe-")
@@ -595,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
               "use --smoke on CPU", file=sys.stderr)
         return 2
     budget_s = args.budget_s if args.budget_s is not None else (3600.0 if args.smoke else 470.0)
-    report = run(args.out, smoke=args.smoke, budget_s=budget_s, sections=tuple(args.sections))
+    report = run(args.out, smoke=args.smoke, budget_s=budget_s, sections=tuple(args.sections), peak=peak)
     print(markdown(report))
     failed = [r for r in report.get("correctness", []) if r.get("pass") is False or "error" in r]
     return 1 if failed else 0
