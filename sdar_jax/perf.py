@@ -20,7 +20,11 @@ rates and HBM bandwidths; an unknown device gives None and the caller says so
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
+from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -125,3 +129,14 @@ def bandwidth_roofline_tokens_per_s(config: ModelConfig, *, itemsize: int, hbm_b
                                     tokens_per_forward: float) -> float:
     """Batch-1 decoding upper bound: one weight read per forward, `tokens_per_forward` tokens each."""
     return tokens_per_forward * hbm_bytes_per_s / forward_weight_bytes(config, itemsize)
+
+
+def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
+    """Median wall time of `fn(*args)` over `repeats` runs, after one untimed (compiling) run."""
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)

@@ -10,14 +10,8 @@ from tests.ops import pallas_cases as cases
 
 def _cache_case(seed, *, batch, block_size, max_len, heads, kv_heads, head_dim=32, dtype=jnp.float32):
     """Rows at ragged block starts: each row decodes block `start // B` of its own sequence."""
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, max_len // block_size, size=batch) * block_size
-    starts[0] = 0  # an empty prefix
-    starts[-1] = max_len - block_size  # a full cache
-    q_pos = jnp.asarray(starts[:, None] + np.arange(block_size)[None], jnp.int32)
-    kv_pos = jnp.asarray(np.broadcast_to(np.arange(max_len, dtype=np.int32), (batch, max_len)).copy())
+    kw = cases.decode_inputs(seed, batch=batch, block_size=block_size, max_len=max_len)
     q, k, v, _ = cases.qkv(seed, batch, block_size, max_len, heads, kv_heads, head_dim, dtype)
-    kw = dict(mask=masks.block_causal(block_size), q_positions=q_pos, kv_positions=kv_pos)
     return q, k, v, kw
 
 
