@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
 
+from sdar_jax import perf
 from sdar_jax.ops import attention, masks, pallas_attention
 
 
@@ -97,21 +96,11 @@ def _decode(args) -> None:
                 q, k, v, **kw, backend=args.backend, interpret=args.interpret or None),
             "xla": lambda q, k, v: attention.attention(q, k, v, **kw, impl="xla"),
         }
-        times = {name: _time(jax.jit(fn), q, k, v, repeats=args.repeats)
+        times = {name: perf.median_seconds(jax.jit(fn), q, k, v, repeats=args.repeats)
                  for name, fn in methods.items() if name not in args.skip}
         for name, t in times.items():
             ratio = f"{times['xla'] / t:6.2f}" if "xla" in times else "     -"
             print(f"{max_len:>6} {name:>7} {1e3 * t:>9.3f} {visible_bytes / t / 1e9:>8.1f} {ratio}")
-
-
-def _time(fn, *xs, repeats: int) -> float:
-    jax.block_until_ready(fn(*xs))  # compile and warm up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*xs))
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -160,8 +149,8 @@ def main() -> None:
                                                                     dout.astype(jnp.float32)),
                                     argnums=(0, 1, 2)))
             try:
-                results[name] = (_time(fwd, q, k, v, repeats=args.repeats),
-                                 _time(grad, q, k, v, repeats=args.repeats))
+                results[name] = (perf.median_seconds(fwd, q, k, v, repeats=args.repeats),
+                                 perf.median_seconds(grad, q, k, v, repeats=args.repeats))
             except Exception as error:  # noqa: BLE001 - report the method that cannot run, keep the rest
                 print(f"{length:>6} {q.shape[1]:>6} {'':>6} {name:>7} failed: {type(error).__name__}: "
                       f"{str(error).splitlines()[0][:120]}")

@@ -1,8 +1,10 @@
 """Evaluate an sdar_jax params checkpoint on a JSONL file of problems (batched, jitted).
 
   python launch/evaluate.py --ckpt CKPT_DIR --data FILE.jsonl [--tokenizer DIR] [--chat]
-      [--style gsm8k|math|exact] [--n-samples N] [--k 1,5] [--output FILE.jsonl]
-      [--summary FILE.json] [--batch-size N] [--num-buckets N] [--seed S] [--limit N]
+      [--style gsm8k|math|math_hendrycks|exact]
+      [--gsm8k-extract last-marker|strict-match|flexible-extract]
+      [--n-samples N] [--k 1,5] [--output FILE.jsonl] [--summary FILE.json]
+      [--batch-size N] [--num-buckets N] [--seed S] [--limit N]
       [every decoding flag of launch/generate.py: --mode --block-length --steps --strategy
        --threshold --temperature --top-k --top-p --max-new-tokens --stop-ids ...]
 
@@ -47,6 +49,20 @@ class UsageError(ValueError):
     """Bad command-line input; reported as one line."""
 
 
+STYLE_CHOICES = ("gsm8k", "math", "math_hendrycks", "exact")
+GSM8K_EXTRACTIONS = {"last-marker": "gsm8k", "strict-match": "gsm8k_strict",
+                     "flexible-extract": "gsm8k_flexible"}
+
+
+def _style(args: argparse.Namespace) -> str:
+    """The `sdar_jax.eval.answers` style of --style and --gsm8k-extract."""
+    if args.style == "gsm8k":
+        return GSM8K_EXTRACTIONS[args.gsm8k_extract]
+    if args.gsm8k_extract != "last-marker":
+        raise UsageError(f"--gsm8k-extract {args.gsm8k_extract} needs --style gsm8k, got --style {args.style}")
+    return args.style
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evaluate", description=__doc__.split("\n\n")[0],
@@ -58,8 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokenizer directory (default: the checkpoint directory)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap prompts in the tokenizer's chat template (user turn)")
-    parser.add_argument("--style", choices=answers.STYLES, default="gsm8k",
-                        help="answer extraction and comparison")
+    parser.add_argument("--style", choices=STYLE_CHOICES, default="gsm8k",
+                        help="answer extraction and comparison: gsm8k (see --gsm8k-extract), math "
+                             "(last \\boxed{}, judged by math-verify; Hendrycks' normaliser with a "
+                             "warning when math-verify is not installed), math_hendrycks, exact")
+    parser.add_argument("--gsm8k-extract", choices=tuple(GSM8K_EXTRACTIONS), default="last-marker",
+                        help="gsm8k answer rule: last-marker (the last `####` line, else the last "
+                             "box; numbers compared by value) or lm-evaluation-harness's "
+                             "strict-match / flexible-extract (its exact_match string comparison)")
     parser.add_argument("--prompt-field", default="prompt")
     parser.add_argument("--answer-field", default="answer")
     parser.add_argument("--n-samples", type=int, default=1, help="samples per problem")
@@ -132,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         settings = EvalSettings(
-            style=args.style, n_samples=args.n_samples, ks=_ks(args.k), batch_size=args.batch_size,
+            style=_style(args), n_samples=args.n_samples, ks=_ks(args.k), batch_size=args.batch_size,
             num_buckets=args.num_buckets, chat=args.chat, seed=args.seed,
             progress=not args.no_progress,
         )

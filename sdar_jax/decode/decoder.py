@@ -167,9 +167,7 @@ class DecodeConfig:
         """The SAID budget split over stages (said / said_chlg only)."""
         chlg = self.strategy == "said_chlg"
         rec = 1 + self.chlg_extra_steps if chlg else self.said_rec_steps
-        return said.stage_steps(
-            self.block_length, self.said_stages, self.steps, rec, rec_capped=not chlg
-        )
+        return said.stage_steps(self.block_length, self.said_stages, self.steps, rec)
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:
@@ -467,17 +465,13 @@ def _propose(static, knobs, logits, keys):
 def _select(static, knobs, confidence, entropy, masked, step, stage_done):
     """The strategy's commit mask for one step; updates SAID's per-stage counters."""
     if static.staged is not None:
-        commit, stage = said.said_select(
+        commit, stage_done = said.said_select(
             confidence, masked, stage_done,
             stage_of=said.stage_partition(static.block_length, static.said_stages),
             steps_per_stage=knobs["steps_per_stage"],
             threshold=knobs["said_threshold"] if static.said_dynamic else None,
             chlg_threshold=knobs["chlg_threshold"] if static.staged == "said_chlg" else None,
             chlg_extra_steps=knobs["chlg_extra_steps"],
-        )
-        took_step = masked.any(-1)
-        stage_done = stage_done + (
-            took_step[:, None] & (jnp.arange(static.said_stages)[None] == stage[:, None])
         )
         return commit, stage_done
     count = strategies.step_count(step, knobs["steps"], static.block_length)
@@ -492,7 +486,7 @@ def _select(static, knobs, confidence, entropy, masked, step, stage_done):
 
 def _said_state(batch: int, static: _Static):
     """SAID's per-row stage state at the start of a block (opaque to the loop)."""
-    return jnp.zeros((batch, static.said_stages), jnp.int32)
+    return said.init_stage_state(batch, static.said_stages)
 
 
 def _where_rows(rows: jnp.ndarray, new, old):
@@ -644,7 +638,7 @@ class _DiffusionState:
     block: jnp.ndarray
     step: jnp.ndarray
     masked: jnp.ndarray
-    said: jnp.ndarray
+    said: said.StageState
     first: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]
     done: jnp.ndarray
     forwards: jnp.ndarray
@@ -736,7 +730,7 @@ def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, conf
             proposals, confidence, entropy = (
                 x.at[:, 0].set(f) for x, f in zip((proposals, confidence, entropy), first)
             )
-        said_state = _where_rows(starting, _said_state(slots, static), st.said)
+        said_state = said.reset_rows(st.said, starting)
         masked = st.masked & active[:, None]
         commit, said_state = _select(
             static, knobs, confidence, entropy, masked, st.step, said_state

@@ -86,10 +86,12 @@ def mask_fn(spec: MaskSpec, q_idx, k_idx, q_pos, k_pos, q_seg, k_seg, noisy_len:
         raise ValueError("mask_fn: block_diffusion needs noisy_len (half the row length)")
     q_noisy = q_idx < noisy_len
     k_noisy = k_idx < noisy_len
-    allowed = jnp.where(
-        q_noisy,
-        jnp.where(k_noisy, k_blk == q_blk, k_blk < q_blk),
-        ~k_noisy & (k_blk <= q_blk),
+    # Boolean algebra rather than jnp.where, so NumPy inputs give a NumPy result: splash
+    # attention evaluates this on the host while a jit is tracing (see pallas_tpu.IndexMask).
+    allowed = (
+        (q_noisy & k_noisy & (k_blk == q_blk))
+        | (q_noisy & ~k_noisy & (k_blk < q_blk))
+        | (~q_noisy & ~k_noisy & (k_blk <= q_blk))
     )
     return same_segment & allowed
 

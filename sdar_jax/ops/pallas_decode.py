@@ -139,6 +139,7 @@ def _gpu_decode(q, k, v, *, mask, q_positions, kv_positions, q_segment_ids, kv_s
     return tiles.unfold_heads(out, q_len)
 
 
+@tiles.forward_only
 def decode_attention(
     q: jnp.ndarray,
     k: jnp.ndarray,
@@ -170,7 +171,7 @@ def decode_attention(
       interpret: run in the Pallas interpreter.
 
     Returns:
-      [batch, q_len, heads, head_dim] in q's dtype. Forward only.
+      [batch, q_len, heads, head_dim] in q's dtype. Forward only (see `tiles.forward_only`).
     """
     if mask.kind == "block_diffusion":
         raise ValueError("decode_attention: block_diffusion is a training mask; decode with block_causal")

@@ -424,6 +424,7 @@ def flash_attention(
     return _flash(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
 
 
+@tiles.forward_only
 def flash_forward(
     q: jnp.ndarray,
     k: jnp.ndarray,

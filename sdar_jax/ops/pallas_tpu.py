@@ -51,22 +51,17 @@ class IndexMask(splash_mask._ComputableMask):  # noqa: SLF001 - the documented e
         self.spec = spec
         self.noisy_len = noisy_len
 
-        def in_kernel(q_ids, kv_ids):
+        def mask_function(q_ids, kv_ids):
+            # Plain array arithmetic: NumPy on the host (the sparsity tables, built while a
+            # jit is tracing, possibly under an abstract mesh), jnp inside the kernel.
             if spec.kind == "block_diffusion":
-                q_pos = jnp.where(q_ids < noisy_len, q_ids, q_ids - noisy_len)
-                k_pos = jnp.where(kv_ids < noisy_len, kv_ids, kv_ids - noisy_len)
+                q_pos = q_ids - noisy_len * (q_ids >= noisy_len)
+                k_pos = kv_ids - noisy_len * (kv_ids >= noisy_len)
             else:
                 q_pos, k_pos = q_ids, kv_ids
             return masks.mask_fn(
                 spec, q_ids, kv_ids, q_pos, k_pos, q_ids * 0, kv_ids * 0, noisy_len=noisy_len
             )
-
-        def mask_function(q_ids, kv_ids):
-            if isinstance(q_ids, np.ndarray):
-                # Host side (sparsity tables), possibly while a jit is tracing: evaluate eagerly.
-                with jax.ensure_compile_time_eval():
-                    return np.asarray(in_kernel(q_ids, kv_ids), bool)
-            return in_kernel(q_ids, kv_ids)
 
         super().__init__(shape=(length, length), mask_function=mask_function)
 
@@ -199,6 +194,7 @@ def _cache_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, qidx_ref, qpos_ref, 
         o_ref[...] = (acc_ref[...] / jnp.where(l > 0.0, l, 1.0)).astype(o_ref.dtype)
 
 
+@tiles.forward_only
 def cache_attention(
     q: jnp.ndarray,
     k: jnp.ndarray,

@@ -16,7 +16,12 @@ heads, and the key-tile loop of the dK/dV kernel already sums over them.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sdar_jax.ops import masks
 
@@ -168,3 +173,38 @@ def check_tile(name: str, size: int) -> None:
     if size < 1 or size & (size - 1):
         raise ValueError(f"{name} must be a positive power of two, got {size}")
 
+
+
+def forward_only(fn: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray]:
+    """Wraps a forward-only kernel entry point in a `jax.custom_vjp`.
+
+    JAX never dead-code-eliminates a bare `pallas_call` (a kernel may write
+    through aliased buffers), and flax's `nn.scan` (0.12.12; 0.12.8 used
+    partial evaluation instead) proves its broadcast outputs loop-invariant by
+    tracing the layer body and dead-code-eliminating it: a bare kernel fed by
+    the carry then reads as a data dependency and the model does not trace. A custom_vjp call is removed when
+    its outputs are unused. Differentiating through the wrapped function raises.
+
+    Array arguments (positional, or keyword values that are arrays) are traced;
+    every other keyword argument is static.
+    """
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
+        static = {k: v for k, v in kwargs.items() if k not in arrays}
+
+        @jax.custom_vjp
+        def run(args, arrays):
+            return fn(*args, **arrays, **static)
+
+        def run_fwd(args, arrays):
+            return run(args, arrays), None
+
+        def run_bwd(residuals, cotangent):
+            raise TypeError(f"{fn.__name__} is a forward-only kernel and cannot be differentiated")
+
+        run.defvjp(run_fwd, run_bwd)
+        return run(args, arrays)
+
+    return call

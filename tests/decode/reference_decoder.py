@@ -4,8 +4,8 @@ One sequence at a time, no KV cache: every denoising step recomputes the
 model's full forward over the whole canvas with the block-causal mask (blocks
 after the current one hold masks and are invisible to it). Strategies are
 written here independently of `sdar_jax.decode` with plain loops and sorts;
-only the SAID step-budget split (`said.stage_steps`, tested on its own by
-enumeration) is shared.
+only the SAID step-budget split (`said.stage_steps`, tested on its own against
+the public SAID code's values) is shared.
 
 Sampling (temperature > 0) is the Gumbel-max draw argmax(filtered logits /
 T + Gumbel noise), with the noise of the decoder's documented per-step key
@@ -164,32 +164,45 @@ def _denoise_plain(block: _Block, dc: DecodeConfig) -> None:
 
 
 def _denoise_said(block: _Block, dc: DecodeConfig) -> None:
+    """The public SAID code's stage loop (a fixed number of steps per stage, the
+    §3.4 schedule over the stage's masked count at its start), except that a
+    stage stops at its last commit instead of running forwards that commit
+    nothing."""
     b, k = dc.block_length, dc.said_stages
     chlg = dc.strategy == "said_chlg"
     budget = dc.said_steps_per_stage
     for stage in range(k):
         members = [p for p in range(b) if _stage_of(p, k) == stage]
-        schedule = _schedule(len(members), budget[stage])
-        use_chlg = chlg and stage == k - 1
-        step = 0
-        while any(p in block.masked for p in members):
-            tokens, confidence, _ = block.score()
+        if chlg and stage == k - 1:
+            _reconstruct_chlg(block, dc, members)
+            continue
+        schedule = _schedule(sum(p in block.masked for p in members), budget[stage])
+        for n in schedule:
             candidates = sorted(p for p in members if p in block.masked)
-            if use_chlg and step == 0:
-                chosen = [p for p in candidates if confidence[p] >= dc.chlg_threshold]
-                chosen = chosen or _most_confident(candidates, confidence, 1)
-            elif use_chlg:
-                steps_left = max(dc.chlg_extra_steps - (step - 1), 1)
-                n = -(-len(candidates) // steps_left)
-                chosen = _most_confident(candidates, confidence, n)
-            else:
-                n = schedule[step] if step < len(schedule) else len(members)
-                above = []
-                if dc.said_threshold is not None:
-                    above = [p for p in candidates if confidence[p] > dc.said_threshold]
-                chosen = above if len(above) >= n else _most_confident(candidates, confidence, n)
+            if not candidates:
+                break
+            tokens, confidence, _ = block.score()
+            above = []
+            if dc.said_threshold is not None:
+                above = [p for p in candidates if confidence[p] > dc.said_threshold]
+            chosen = above if len(above) >= n else _most_confident(candidates, confidence, n)
             block.commit(chosen, tokens)
-            step += 1
+        assert not any(p in block.masked for p in members), "the stage's schedule left masks"
+
+
+def _reconstruct_chlg(block: _Block, dc: DecodeConfig, members: list[int]) -> None:
+    step = 0
+    while any(p in block.masked for p in members):
+        tokens, confidence, _ = block.score()
+        candidates = sorted(p for p in members if p in block.masked)
+        if step == 0:
+            chosen = [p for p in candidates if confidence[p] >= dc.chlg_threshold]
+            chosen = chosen or _most_confident(candidates, confidence, 1)
+        else:
+            steps_left = max(dc.chlg_extra_steps - (step - 1), 1)
+            chosen = _most_confident(candidates, confidence, -(-len(candidates) // steps_left))
+        block.commit(chosen, tokens)
+        step += 1
 
 
 def reference_generate(

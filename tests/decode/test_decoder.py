@@ -132,12 +132,14 @@ def test_said_matches_reference(model, block_length, strategy, said_kwargs):
                       **said_kwargs)
     result = _decode(model, dc)
     _check_against_reference(model, dc, result)
-    if said_kwargs["said_stages"] == 1:  # K = 1 is low_confidence_static exactly
+    if said_kwargs["said_stages"] == 1:
+        # K = 1 is low_confidence_static for a prompt ending on a block boundary (row 1);
+        # SAID's schedule counts a block's masked positions, not B, so prompt tails differ.
         static = _decode(model, DecodeConfig(
             block_length=block_length, strategy="low_confidence_static", steps=said_kwargs["steps"],
             max_new_tokens=MAX_NEW))
-        np.testing.assert_array_equal(result.canvas, static.canvas)
-        np.testing.assert_array_equal(result.steps_per_block, static.steps_per_block)
+        np.testing.assert_array_equal(result.canvas[1], static.canvas[1])
+        np.testing.assert_array_equal(result.steps_per_block[1], static.steps_per_block[1])
 
 
 @pytest.mark.parametrize(
@@ -245,7 +247,7 @@ def test_prompt_bucket_padding_does_not_change_greedy_tokens(same_position_model
         (dict(temperature=-1.0), "temperature"),
         (dict(top_k=-2), "top_k"),
         (dict(top_p=0.0), "top_p"),
-        (dict(strategy="said", said_stages=2, steps=4, said_rec_steps=1), "budget"),
+        (dict(strategy="said", said_stages=3, steps=2, said_rec_steps=1), "budget"),
     ],
 )
 def test_bad_decode_config(change, match):

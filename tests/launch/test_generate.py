@@ -114,7 +114,7 @@ def test_ar_checkpoint_decodes_in_ar_mode(ar_ckpt, tmp_path, capsys):
         (("--prompt", "abc", "--max-new-tokens", 600), "600"),
         (("--prompt", "abc", "--strategy", "greedy_fast"), "greedy_fast"),
         (("--prompt", "abc", "--threshold", 1.5), "1.5"),
-        (("--prompt", "abc", "--strategy", "said", "--steps", 4, "--said-rec-steps", 1), "budget"),
+        (("--prompt", "abc", "--strategy", "said", "--steps", 1, "--said-rec-steps", 1), "budget"),
     ],
 )
 def test_errors_are_one_line(sdar_ckpt, capsys, extra, needle):

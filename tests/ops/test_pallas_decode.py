@@ -10,14 +10,8 @@ from tests.ops import pallas_cases as cases
 
 def _cache_case(seed, *, batch, block_size, max_len, heads, kv_heads, head_dim=32, dtype=jnp.float32):
     """Rows at ragged block starts: each row decodes block `start // B` of its own sequence."""
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, max_len // block_size, size=batch) * block_size
-    starts[0] = 0  # an empty prefix
-    starts[-1] = max_len - block_size  # a full cache
-    q_pos = jnp.asarray(starts[:, None] + np.arange(block_size)[None], jnp.int32)
-    kv_pos = jnp.asarray(np.broadcast_to(np.arange(max_len, dtype=np.int32), (batch, max_len)).copy())
+    kw = cases.decode_inputs(seed, batch=batch, block_size=block_size, max_len=max_len)
     q, k, v, _ = cases.qkv(seed, batch, block_size, max_len, heads, kv_heads, head_dim, dtype)
-    kw = dict(mask=masks.block_causal(block_size), q_positions=q_pos, kv_positions=kv_pos)
     return q, k, v, kw
 
 
@@ -61,3 +55,29 @@ def test_decode_rejects_the_training_mask():
     q, k, v, kw = _cache_case(0, batch=1, block_size=4, max_len=16, heads=2, kv_heads=2)
     with pytest.raises(ValueError, match="block_diffusion"):
         pallas_decode.decode_attention(q, k, v, **dict(kw, mask=masks.block_diffusion(4)), interpret=True)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_unused_decode_kernel_is_dead_code(backend):
+    """A bare pallas_call survives dead-code elimination, which newer flax's nn.scan reads as the
+    layer body's data dependency (the model then fails to trace); the wrapped kernel does not."""
+    import jax
+    from jax._src.interpreters import partial_eval as pe
+
+    q, k, v, kw = _cache_case(0, batch=2, block_size=4, max_len=64, heads=4, kv_heads=2)
+
+    def discards_attention(q, k, v):
+        pallas_decode.decode_attention(q, k, v, **kw, backend=backend, interpret=True)
+        return q
+
+    closed = jax.make_jaxpr(discards_attention)(q, k, v)
+    _, used_inputs = pe.dce_jaxpr(closed.jaxpr, [True])
+    assert used_inputs == [True, False, False]
+
+
+def test_decode_kernel_refuses_gradients():
+    import jax
+
+    q, k, v, kw = _cache_case(0, batch=1, block_size=4, max_len=32, heads=4, kv_heads=2)
+    with pytest.raises(TypeError, match="forward-only"):
+        jax.grad(lambda q: pallas_decode.decode_attention(q, k, v, **kw, interpret=True).sum())(q)

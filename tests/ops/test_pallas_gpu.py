@@ -78,6 +78,9 @@ def test_flash_rejects_block_not_multiple_of_group():
                                    block_sizes=pallas_gpu.BlockSizes(4, 16, 16, 16), interpret=True)
 
 
+H100 = "NVIDIA H100 80GB HBM3"  # the compute capability (9.0) Triton lowers for
+
+
 def test_triton_lowering_of_forward_backward_and_decode():
     """The kernels lower to Triton for CUDA (done in Python, no GPU needed): catches ops and
     tile shapes Triton cannot take, which interpret mode accepts."""
@@ -95,14 +98,39 @@ def test_triton_lowering_of_forward_backward_and_decode():
                                          kv_positions=pos, q_segment_ids=pos, kv_segment_ids=pos)
         return out.astype(jnp.float32).sum()
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, pos).lower(lowering_platforms=("cuda",))
+    with cases.lowering_target(H100, "gpu", 132):
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, pos).lower(
+            lowering_platforms=("cuda",))
     assert grad.as_text().count("triton") >= 3  # forward, dQ and dK/dV kernels
 
     def decode(q, k, v, q_pos, kv_pos):
         return pallas_decode.decode_attention(q, k, v, mask=masks.block_causal(4), q_positions=q_pos,
                                               kv_positions=kv_pos, backend="gpu")
 
-    lowered = jax.jit(decode).trace(
-        jax.ShapeDtypeStruct((2, 4, 8, 64), bf16), k, k, jax.ShapeDtypeStruct((2, 4), i32),
-        jax.ShapeDtypeStruct((2, 256), i32)).lower(lowering_platforms=("cuda",))
+    with cases.lowering_target(H100, "gpu", 132):
+        lowered = jax.jit(decode).trace(
+            jax.ShapeDtypeStruct((2, 4, 8, 64), bf16), k, k, jax.ShapeDtypeStruct((2, 4), i32),
+            jax.ShapeDtypeStruct((2, 256), i32)).lower(lowering_platforms=("cuda",))
     assert "triton" in lowered.as_text()
+
+
+def test_tile_sizes_thread_through_the_dispatcher():
+    """pallas_attention passes its tile arguments to the kernels (the tuning hooks)."""
+    from sdar_jax.ops import pallas_attention
+
+    kw = cases.training_inputs(5, mask=masks.block_diffusion(4), batch=1, length=32, n_segments=2)
+    q, k, v, _ = cases.qkv(5, 1, 64, 64, 4, 2, 16, jnp.float32)
+    got = pallas_attention.pallas_attention(q, k, v, **kw, backend="gpu", interpret=True, gpu_blocks=MIXED)
+    np.testing.assert_allclose(got, cases.reference(q, k, v, q, kw)[0], atol=1e-5)
+    with pytest.raises(ValueError, match=r"BlockSizes.block_q \(1\)"):
+        pallas_attention.pallas_attention(q, k, v, **kw, backend="gpu", interpret=True,
+                                          gpu_blocks=pallas_gpu.BlockSizes(1, 16, 16, 16))
+    dkw = dict(mask=masks.block_causal(4), q_positions=kw["q_positions"][:, 60:],
+               kv_positions=kw["kv_positions"])
+    decoded = pallas_attention.pallas_attention(q[:, 60:], k, v, **dkw, backend="gpu", interpret=True,
+                                                decode_block_k=16, decode_splits=2)
+    want = cases.reference(q[:, 60:], k, v, q[:, 60:], dkw)[0]
+    np.testing.assert_allclose(decoded, want, atol=1e-5)
+    with pytest.raises(ValueError, match="block_k"):
+        pallas_attention.pallas_attention(q[:, 60:], k, v, **dkw, backend="gpu", interpret=True,
+                                          decode_block_k=24)

@@ -67,16 +67,9 @@ def test_pallas_impl_in_the_model_matches_xla(backend, monkeypatch):
     assert "pallas" in attention.available()
 
 
-def test_mosaic_lowering_of_splash_and_cache_kernels(monkeypatch):
-    """Pallas -> Mosaic lowering for a TPU v5e target runs on CPU once the device query is
-    answered; the Mosaic compiler passes themselves need a TPU and are not run here."""
-    tpu_info = pytest.importorskip("jax._src.pallas.mosaic.tpu_info")
-    for name in ("get_device_kind", "get_num_device_cores", "is_tpu_device"):
-        if not hasattr(tpu_info, name):
-            pytest.skip(f"this JAX has no tpu_info.{name}")
-    monkeypatch.setattr(tpu_info, "get_device_kind", lambda: "TPU v5 lite")
-    monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
-    monkeypatch.setattr(tpu_info, "is_tpu_device", lambda: True)
+def test_mosaic_lowering_of_splash_and_cache_kernels():
+    """Pallas -> Mosaic lowering for a TPU v5e target runs on CPU once the abstract mesh names
+    that target; the Mosaic compiler passes themselves need a TPU and are not run here."""
     from sdar_jax.ops import pallas_attention
 
     bf16, i32 = jnp.bfloat16, jnp.int32
@@ -90,17 +83,18 @@ def test_mosaic_lowering_of_splash_and_cache_kernels(monkeypatch):
                                                 backend="tpu", interpret=False)
         return out.astype(jnp.float32).sum()
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, pos).lower(lowering_platforms=("tpu",))
-    assert grad.as_text().count("tpu_custom_call") >= 3
-
     def decode(q, k, v, q_pos, kv_pos):
         return pallas_attention.pallas_attention(q, k, v, mask=masks.block_causal(4), q_positions=q_pos,
                                                  kv_positions=kv_pos, backend="tpu", interpret=False)
 
-    lowered = jax.jit(decode).trace(
-        jax.ShapeDtypeStruct((2, 4, 4, 128), bf16), jax.ShapeDtypeStruct((2, 1024, 2, 128), bf16),
-        jax.ShapeDtypeStruct((2, 1024, 2, 128), bf16), jax.ShapeDtypeStruct((2, 4), i32),
-        jax.ShapeDtypeStruct((2, 1024), i32)).lower(lowering_platforms=("tpu",))
+    with cases.lowering_target("TPU v5 lite", "tpu", 1):
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, pos).lower(
+            lowering_platforms=("tpu",))
+        lowered = jax.jit(decode).trace(
+            jax.ShapeDtypeStruct((2, 4, 4, 128), bf16), jax.ShapeDtypeStruct((2, 1024, 2, 128), bf16),
+            jax.ShapeDtypeStruct((2, 1024, 2, 128), bf16), jax.ShapeDtypeStruct((2, 4), i32),
+            jax.ShapeDtypeStruct((2, 1024), i32)).lower(lowering_platforms=("tpu",))
+    assert grad.as_text().count("tpu_custom_call") >= 3
     assert "tpu_custom_call" in lowered.as_text()
 
 
