@@ -15,7 +15,8 @@ Progress goes to stderr (a tqdm bar, eval lines), scalars to
   2  bad input, one line on stderr naming the field / file: a bad or missing
      config field, a resume whose config differs from the checkpoint's (see
      --config.train.allow_config_change), a missing or damaged tokenizer, bad
-     training data (file:line), or no intact checkpoint in the workdir;
+     training data (file:line), a bad train.init_from checkpoint, or no intact
+     checkpoint in the workdir;
   3  a non-finite loss or gradient norm (the last good checkpoint is kept);
   1  anything else (an unexpected error, with its traceback).
 """
@@ -31,6 +32,8 @@ from ml_collections import config_flags
 
 from sdar_jax.checkpoint import CheckpointIntegrityError
 from sdar_jax.config import ConfigError
+from sdar_jax.convert import ConversionError
+from sdar_jax.data.packing import ExampleTooLongError
 from sdar_jax.data.pipeline import DataConfigError
 from sdar_jax.data.sources import DataSourceError
 from sdar_jax.data.tokenizer import TokenizerError
@@ -43,7 +46,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file (conf
 flags.mark_flags_as_required(["config"])
 
 _CONFIG_ERRORS = (RunConfigError, ConfigError, DataConfigError, ParallelConfigError)
-_INPUT_ERRORS = (TokenizerError, DataSourceError, CheckpointIntegrityError)
+_INPUT_ERRORS = (
+    TokenizerError, DataSourceError, ExampleTooLongError, CheckpointIntegrityError, ConversionError,
+)
 EXIT_BAD_INPUT, EXIT_NON_FINITE = 2, 3
 
 

@@ -177,7 +177,6 @@ class Checkpointer:
             raise ValueError(f"Checkpointer: save_every ({save_every}) and keep ({keep}) must be >= 1")
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_every = save_every
-        self._async = async_save
         self._unsealed: set[int] = set()  # started saves whose integrity record is not written yet
         self._lock = threading.Lock()
         options = ocp.CheckpointManagerOptions(
@@ -213,7 +212,8 @@ class Checkpointer:
 
     def _seal_final(self) -> None:
         """Seals finished steps still without a record (synchronous saves; storage
-        without staging directories)."""
+        without staging directories). Records are read and written with POSIX file
+        calls: checkpoint directories are local or mounted file systems."""
         with self._lock:
             steps = sorted(self._unsealed)
         for step in steps:
@@ -273,8 +273,9 @@ class Checkpointer:
         if not started:
             with self._lock:
                 self._unsealed.discard(step)
-        if not self._async:
-            self._seal_final()
+        # orbax finished the previous save before starting this one (a synchronous
+        # save: this one too); seal whatever the staging hook could not.
+        self._seal_final()
         return started
 
     def restore(
