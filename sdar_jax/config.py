@@ -335,10 +335,11 @@ def to_hf_config(cfg: ModelConfig, base: Mapping[str, Any] | None = None) -> dic
         tie_word_embeddings=cfg.tie_word_embeddings,
         hidden_act="silu",
         attention_bias=False,
-        use_sliding_window=False,
     )
     hf.setdefault("attention_dropout", 0.0)
-    hf.setdefault("sliding_window", None)
+    if model_type != "llama" or "use_sliding_window" in base:  # Llama has no sliding window fields
+        hf["use_sliding_window"] = False
+        hf.setdefault("sliding_window", None)
     for key in ("bos_token_id", "eos_token_id"):
         if key not in base or not _same_ids(base[key], getattr(cfg, key)):
             hf[key] = getattr(cfg, key)

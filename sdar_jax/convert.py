@@ -587,11 +587,9 @@ class _Source:
 
     def pieces_by_file(self) -> list[tuple[str, list[Piece]]]:
         """Every piece, grouped by the file holding it (files in name order)."""
-        itemsize = numpy_dtype(self.config.param_dtype).itemsize
         by_file: dict[str, list[Piece]] = {}
-        for rule in tensor_rules(self.config):
-            for piece in rule.pieces(self.config, itemsize):
-                by_file.setdefault(self.located[piece.name], []).append(piece)
+        for name, pieces in _hf_pieces(self.config, self.config.param_dtype).items():
+            by_file.setdefault(self.located[name], []).extend(pieces)
         return sorted(by_file.items())
 
 

@@ -35,6 +35,7 @@ def ckpt(tmp_path_factory, hf_dir) -> str:
 
 
 def cli(capsys, *argv) -> tuple[int, str]:
+    capsys.readouterr()  # drop what building the inputs printed (transformers' progress bars)
     code = convert_checkpoint.main([str(a) for a in argv])
     return code, capsys.readouterr().err
 
@@ -114,6 +115,17 @@ def test_read_only_parent_is_refused(hf_dir, tmp_path, capsys):
     finally:
         locked.chmod(0o755)
     assert code == 2 and "cannot create the output there" in one_line_error(err)
+
+
+def test_refused_directory_creation_is_one_line(hf_dir, tmp_path, capsys, monkeypatch):
+    """Whatever makes creating the output fail (a read-only mount, permissions) is one line."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(convert.tempfile, "mkdtemp", refuse)
+    code, err = cli(capsys, "hf-to-jax", "--hf", hf_dir, "--out", tmp_path / "ckpt")
+    assert code == 2
+    assert f"{tmp_path}: cannot create the output there (Permission denied)" in one_line_error(err)
 
 
 @pytest.mark.parametrize("where", ["same", "parent"])
@@ -205,6 +217,7 @@ def test_half_written_checkpoint_to_generate_and_evaluate(char_ckpt, tmp_path, c
         "evaluate": lambda: evaluate.main(["--ckpt", str(bad), "--data", str(data), "--max-new-tokens", "4"]),
     }
     for name, run in runs.items():
+        capsys.readouterr()
         code = run()
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.strip()]
