@@ -44,7 +44,6 @@ import warnings
 
 STYLES = ("gsm8k", "gsm8k_strict", "gsm8k_flexible", "math", "math_hendrycks", "exact")
 MATH_STYLES = ("math", "math_hendrycks")
-GSM8K_STYLES = ("gsm8k", "gsm8k_strict", "gsm8k_flexible")
 # The `regex` filters of lm-evaluation-harness's gsm8k task (lm_eval/tasks/gsm8k/gsm8k.yaml).
 GSM8K_STRICT_PATTERN = re.compile(r"#### (\-?[0-9\.\,]+)")
 GSM8K_FLEXIBLE_PATTERN = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")

@@ -60,6 +60,7 @@ def _load_evaluate_cli():
 
 # ---- the real lm_eval entry point against launch/evaluate.py ---------------------------------------
 
+@pytest.mark.slow
 def test_lm_eval_cli_on_the_local_task_equals_evaluate_py(ckpt, tmp_path):
     model_args = ",".join([f"ckpt={ckpt}", "progress=false"] + [f"{k}={v}" for k, v in DECODING.items()])
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -206,6 +207,7 @@ def test_every_decoding_flag_is_a_model_argument(ckpt):
     assert set(lm_eval_backend.decoding_arg_names()) >= {"block_length", "eb_bound", "stop_ids"}
 
 
+@pytest.mark.slow
 def test_sharded_generation_and_scores_equal_unsharded(ckpt, lm):
     sharded = lm_eval_backend.SdarJaxLM(ckpt=str(ckpt), batch_size=4, progress=False,
                                         mesh="fsdp:2/tensor:2", **DECODING)
