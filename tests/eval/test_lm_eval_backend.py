@@ -130,8 +130,9 @@ def test_generate_until_cuts_at_until_and_groups_by_settings(lm):
     cut = _generate(lm, prompts, {"until": [stop], "max_gen_toks": 8})
     assert cut == [t[:t.find(stop)] if stop in t else t for t in full]
     # Two generation lengths in one call: two groups, each decoded as alone.
-    mixed = lm.generate_until([Instance("generate_until", {}, (prompts[0], {"until": [], "max_gen_toks": 4}), 0),
-                               Instance("generate_until", {}, (prompts[1], {"until": [], "max_gen_toks": 8}), 1)])
+    mixed = lm.generate_until([
+        Instance("generate_until", {}, (prompts[0], {"until": [], "max_gen_toks": 4}), 0),
+        Instance("generate_until", {}, (prompts[1], {"until": [], "max_gen_toks": 8}), 1)])
     assert mixed == [_generate(lm, prompts[:1], {"until": [], "max_gen_toks": 4})[0], full[1]]
     assert lm.get_model_info()["sdar_jax"]["decode_totals"]["requests"] == 3 + 3 + 2 + 1
 
