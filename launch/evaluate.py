@@ -59,7 +59,8 @@ def _style(args: argparse.Namespace) -> str:
     if args.style == "gsm8k":
         return GSM8K_EXTRACTIONS[args.gsm8k_extract]
     if args.gsm8k_extract != "last-marker":
-        raise UsageError(f"--gsm8k-extract {args.gsm8k_extract} needs --style gsm8k, got --style {args.style}")
+        raise UsageError(
+            f"--gsm8k-extract {args.gsm8k_extract} needs --style gsm8k, got --style {args.style}")
     return args.style
 
 

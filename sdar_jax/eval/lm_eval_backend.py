@@ -72,7 +72,8 @@ from sdar_jax.eval import loglikelihood, runner
 
 MODEL_NAME = "sdar_jax"
 GENERATION_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k")
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+# lm-eval's other names of max_gen_toks (normalize_gen_kwargs reads them).
+_MAX_TOKENS_ALIASES = ("max_new_tokens", "max_tokens", "max_completion_tokens")
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ class SdarJaxLM(TemplateLM):
 
     # ---- requests --------------------------------------------------------------------------------
 
-    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
+    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         del disable_tqdm, kwargs
         with self._on_mesh():
@@ -284,7 +285,8 @@ class SdarJaxLM(TemplateLM):
         results = []
         for (key, _, _), score in zip(requests, scores):
             result = (score.logprob, score.is_greedy)
-            self.cache_hook.add_partial("loglikelihood", key, result)
+            if key is not None:  # rolling windows are cached per string, not per window
+                self.cache_hook.add_partial("loglikelihood", key, result)
             results.append(result)
         return results
 
@@ -294,7 +296,7 @@ class SdarJaxLM(TemplateLM):
             windows = get_rolling_token_windows(self.tok_encode(string), self.prefix_token_id,
                                                 self.max_length, context_len=1)
             for window in map(make_disjoint_window, windows):
-                pairs.append((("", ""), *window))
+                pairs.append((None, *window))
                 owner.append(r)
         totals = [0.0] * len(requests)
         for r, (logprob, _) in zip(owner, self._loglikelihood_tokens(pairs, disable_tqdm)):
@@ -304,7 +306,7 @@ class SdarJaxLM(TemplateLM):
         return totals
 
     def _request_decode_config(self, gen_kwargs: dict[str, Any]) -> tuple[DecodeConfig, list[str]]:
-        unknown = sorted(set(gen_kwargs) - set(GENERATION_KEYS) - {"max_new_tokens", "max_tokens"})
+        unknown = sorted(set(gen_kwargs) - set(GENERATION_KEYS) - set(_MAX_TOKENS_ALIASES))
         if unknown:
             raise ValueError(f"generation kwargs {unknown} are not supported by {MODEL_NAME}; "
                              f"expected some of {GENERATION_KEYS}")

@@ -60,6 +60,7 @@ def _load_evaluate_cli():
 
 # ---- the real lm_eval entry point against launch/evaluate.py ---------------------------------------
 
+@pytest.mark.slow
 def test_lm_eval_cli_on_the_local_task_equals_evaluate_py(ckpt, tmp_path):
     model_args = ",".join([f"ckpt={ckpt}", "progress=false"] + [f"{k}={v}" for k, v in DECODING.items()])
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -129,8 +130,9 @@ def test_generate_until_cuts_at_until_and_groups_by_settings(lm):
     cut = _generate(lm, prompts, {"until": [stop], "max_gen_toks": 8})
     assert cut == [t[:t.find(stop)] if stop in t else t for t in full]
     # Two generation lengths in one call: two groups, each decoded as alone.
-    mixed = lm.generate_until([Instance("generate_until", {}, (prompts[0], {"until": [], "max_gen_toks": 4}), 0),
-                               Instance("generate_until", {}, (prompts[1], {"until": [], "max_gen_toks": 8}), 1)])
+    mixed = lm.generate_until([
+        Instance("generate_until", {}, (prompts[0], {"until": [], "max_gen_toks": 4}), 0),
+        Instance("generate_until", {}, (prompts[1], {"until": [], "max_gen_toks": 8}), 1)])
     assert mixed == [_generate(lm, prompts[:1], {"until": [], "max_gen_toks": 4})[0], full[1]]
     assert lm.get_model_info()["sdar_jax"]["decode_totals"]["requests"] == 3 + 3 + 2 + 1
 
@@ -206,6 +208,7 @@ def test_every_decoding_flag_is_a_model_argument(ckpt):
     assert set(lm_eval_backend.decoding_arg_names()) >= {"block_length", "eb_bound", "stop_ids"}
 
 
+@pytest.mark.slow
 def test_sharded_generation_and_scores_equal_unsharded(ckpt, lm):
     sharded = lm_eval_backend.SdarJaxLM(ckpt=str(ckpt), batch_size=4, progress=False,
                                         mesh="fsdp:2/tensor:2", **DECODING)
