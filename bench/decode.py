@@ -1,33 +1,53 @@
-"""Decoding throughput: AR against SDAR block diffusion, measured in one run.
+"""Decoding throughput: AR against SDAR block diffusion, measured side by side in one run.
 
-  python bench/decode.py [--preset bench-100m|tiny|sdar-1.7b|...] [--batch-sizes 1,8,32]
-      [--block-lengths 4,8] [--prompt-length 32] [--max-new-tokens 128] [--repeats 3]
+  python bench/decode.py [--demo-dir DIR] [--batch-sizes 1,8,64,256] [--block-lengths 4,8]
+      [--threshold 0.9] [--num-prompts N] [--prompt-length 32] [--max-new-tokens 128]
+      [--fused-forwards when_needed,always] [--repeats 2] [--preset bench-100m|tiny|...]
       [--dtype float32|bfloat16] [--small]
 
-Prints one table: for every batch size, AR decoding and SDAR decoding at each
-block length, with wall-clock tokens/s (generated tokens over the decode time,
-compilation excluded), tokens per forward (TPF, spec §3.8) and the speed ratio
-against AR at the same batch size. The model is random (default: a ~100M
-parameter Qwen3-shaped SDAR config), so its confidences are low and the
-dynamic strategy commits about one token per step; each block length is
-therefore also run with the static strategy at S = B / 2, whose TPF is 2 on
-any model, to show what parallel commits buy on this hardware. `--small`
-switches to the tiny preset and short generations for a quick check.
+For every batch size (slots of continuous batching, `generate_many`), AR
+decoding and SDAR decoding (low_confidence_dynamic at `--threshold`, steps =
+B) at each block length, from the same prompts:
+
+  tokens/s      generated tokens (up to each row's stop id) / decode seconds,
+                compilation excluded (best of `--repeats` timed runs)
+  row TPF       committed positions / forwards, per row, averaged (spec §3.8)
+  batch fwd     forwards the batch ran
+  lock-step fwd the forwards of the same decoding with all rows moving to the
+                next block together (sum over block index of the per-block
+                maximum of the rows' steps; the decoder before per-row
+                progress), same tokens
+  batch TPF     generated tokens / (batch forwards x batch)
+  vs AR         tokens/s ratio against the AR row of the same batch size
+
+Models: random weights by default (a ~100M-parameter Qwen3-shaped SDAR
+config; its confidences are low, so TPF stays near 1), or the demo's
+trained models with `--demo-dir DIR` (the output directory of
+`launch/demo.py`: demo_summary.json's `training.<stage>.export_dir`; `ar`
+is the AR model, `sdar` the one adapted at B=4, `sdar_b8` if present the
+one adapted at B=8, else B=8 decodes the B=4 model). The demo's held-out
+problems are the prompts (chat template, the tokenizer's stop ids), and
+`--num-prompts` defaults to all of them; with random weights it defaults
+to the batch size and nothing stops early. `--fused-forwards` lists the
+layouts of the fused [previous ; block] forward to compare (see
+`DecodeConfig.fused_forward`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sdar_jax.config import ModelConfig, get_preset
-from sdar_jax.decode.decoder import DecodeConfig, generate
+from sdar_jax.decode.decoder import DecodeConfig, generate_many
 from sdar_jax.model import transformer
 
 # ~100M parameters: 12 layers of width 768 (GQA 12/4 heads of 64), vocab 16384.
@@ -42,16 +62,27 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _names(text: str) -> list[str]:
+    return [x for x in text.split(",") if x.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench_decode", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="bench-100m", help="bench-100m or a sdar_jax preset name")
-    parser.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
+    parser.add_argument("--demo-dir", default=None, help="launch/demo.py output directory")
+    parser.add_argument("--preset", default="bench-100m",
+                        help="random weights: bench-100m or a sdar_jax preset name")
+    parser.add_argument("--batch-sizes", type=_ints, default=[1, 8, 64, 256])
     parser.add_argument("--block-lengths", type=_ints, default=[4, 8])
-    parser.add_argument("--prompt-length", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threshold", type=float, default=0.9,
                         help="low_confidence_dynamic threshold of the SDAR rows")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (best is kept)")
+    parser.add_argument("--num-prompts", type=int, default=None,
+                        help="prompts per run (default: the batch size; with --demo-dir all "
+                             "held-out problems)")
+    parser.add_argument("--prompt-length", type=int, default=32, help="random prompts' length")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default: 128, or the demo's max_new_tokens")
+    parser.add_argument("--fused-forwards", type=_names, default=["when_needed"])
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per row (best is kept)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--small", action="store_true",
                         help="tiny preset, 32 new tokens, batch sizes 1,8: a quick check")
@@ -59,65 +90,132 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _time(fn, repeats: int) -> tuple[float, object]:
+def _time(fn, repeats: int) -> tuple[float, Any]:
     out = jax.block_until_ready(fn())  # compile and warm up
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         out = jax.block_until_ready(fn())
         best = min(best, time.perf_counter() - start)
-    return best, out
+    return best, jax.device_get(out)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def _lock_step_forwards(steps_per_block: np.ndarray, slots: int) -> int:
+    """Forwards of lock-step decoding (each block index run until its slowest row
+    is done) of the same rows, `slots` at a time in input order."""
+    total = 0
+    for first in range(0, len(steps_per_block), slots):
+        total += int(steps_per_block[first:first + slots].max(axis=0).sum())
+    return total
+
+
+class _Models:
+    """The models to decode with: AR and SDAR per block length, and the prompts."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.stop_ids: tuple[int, ...] = ()
+        if args.demo_dir is None:
+            config = BENCH_100M if args.preset == "bench-100m" else get_preset(args.preset)
+            config = config.replace(dtype=args.dtype, param_dtype=args.dtype)
+            params = transformer.init_params(config, jax.random.key(args.seed))
+            self.ar = self.sdar4 = self.sdar8 = (config, params)
+            self.name = f"random {args.preset} ({config.num_params / 1e6:.1f}M params, {args.dtype})"
+            self.max_new = args.max_new_tokens or 128
+            self.prompts = None
+            return
+        from sdar_jax import convert
+        from sdar_jax.data import tasks
+        from sdar_jax.data.tokenizer import load_tokenizer
+
+        with open(os.path.join(args.demo_dir, "demo_summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+        training = summary["training"]
+
+        def load(stage):
+            return convert.load_params_checkpoint(training[stage]["export_dir"], args.dtype)
+
+        self.ar, self.sdar4 = load("ar"), load("sdar")
+        self.sdar8 = load("sdar_b8") if "sdar_b8" in training else self.sdar4
+        tokenizer = load_tokenizer(training["sdar"]["export_dir"])
+        self.stop_ids = tuple(tokenizer.stop_token_ids)
+        test = tasks.load_split("test", tasks=summary.get("tasks"))
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": e["prompt"]}],
+                                               add_generation_prompt=True) for e in test]
+        self.prompts = [tokenizer.encode(t) for t in texts]
+        self.max_new = args.max_new_tokens or summary["max_new_tokens"]
+        self.name = (f"demo models of {args.demo_dir} ({self.ar[0].num_params / 1e6:.1f}M params; "
+                     f"B=8 rows: {'sdar_b8' if 'sdar_b8' in training else 'the B=4 model'})")
+
+    def sdar(self, b: int):
+        return self.sdar4 if b == 4 else self.sdar8
+
+
+def run(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
     if args.small:
         args.preset, args.max_new_tokens, args.batch_sizes = "tiny", 32, [1, 8]
-    config = BENCH_100M if args.preset == "bench-100m" else get_preset(args.preset)
-    config = config.replace(dtype=args.dtype, param_dtype=args.dtype)
-    params = transformer.init_params(config, jax.random.key(args.seed))
-    runs = [("AR", DecodeConfig(mode="ar", max_new_tokens=args.max_new_tokens))]
+    models = _Models(args)
+    runs = [("AR", models.ar, DecodeConfig(mode="ar", max_new_tokens=models.max_new,
+                                           stop_ids=models.stop_ids))]
     for b in args.block_lengths:
-        runs.append((f"SDAR B={b} dynamic({args.threshold}) S={b}", DecodeConfig(
-            block_length=b, steps=b, strategy="low_confidence_dynamic", threshold=args.threshold,
-            max_new_tokens=args.max_new_tokens)))
-        if b >= 2:
-            runs.append((f"SDAR B={b} static S={b // 2}", DecodeConfig(
-                block_length=b, steps=b // 2, strategy="low_confidence_static",
-                max_new_tokens=args.max_new_tokens)))
-    rows = []
+        for layout in args.fused_forwards:
+            name = f"SDAR B={b} dynamic {args.threshold}"
+            if len(args.fused_forwards) > 1:
+                name += f" fused={layout}"
+            runs.append((name, models.sdar(b), DecodeConfig(
+                block_length=b, steps=b, strategy="low_confidence_dynamic",
+                threshold=args.threshold, max_new_tokens=models.max_new,
+                stop_ids=models.stop_ids, fused_forward=layout)))
     rng = np.random.default_rng(args.seed)
+    rows = []
     for batch in args.batch_sizes:
-        prompts = jnp.asarray(
-            rng.integers(2, config.vocab_size - 1, (batch, args.prompt_length)), jnp.int32
-        )
-        lengths = jnp.full((batch,), args.prompt_length, jnp.int32)
+        if models.prompts is None:
+            n = args.num_prompts or batch
+            vocab = models.ar[0].vocab_size
+            prompts = [rng.integers(2, vocab - 1, args.prompt_length).tolist() for _ in range(n)]
+        else:
+            n = args.num_prompts or len(models.prompts)
+            prompts = [models.prompts[i % len(models.prompts)] for i in range(n)]
+        width = max(map(len, prompts))
+        tokens = np.zeros((n, width), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = p
+        lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        tokens = jnp.asarray(tokens)
         ar_rate = None
-        for name, dc in runs:
-            seconds, out = _time(
-                lambda: generate(params, config, prompts, lengths, jax.random.key(0), dc),
-                args.repeats,
-            )
-            tokens = int(np.asarray(out.lengths).sum())
-            rate = tokens / seconds
+        for name, (config, params), dc in runs:
+            cpu = time.process_time()
+            seconds, out = _time(lambda: generate_many(params, config, tokens, lengths,
+                                                       jax.random.key(0), dc, num_slots=batch),
+                                 args.repeats)
+            generated = int(out.lengths.sum())
+            rate = generated / seconds
             ar_rate = rate if dc.mode == "ar" else ar_rate
-            rows.append(dict(batch=batch, run=name, tokens_per_s=rate,
-                             tpf=float(np.asarray(out.tokens_per_forward).mean()),
-                             ratio=rate / ar_rate))
-    return rows
+            batch_forwards = int(out.batch_forwards)
+            lock_step = (None if dc.mode == "ar"
+                         else _lock_step_forwards(np.asarray(out.steps_per_block), batch))
+            rows.append(dict(
+                batch=batch, prompts=n, run=name, tokens_per_s=rate,
+                row_tpf=float(out.tokens_per_forward.mean()), batch_forwards=batch_forwards,
+                lock_step_forwards=lock_step,
+                max_row_forwards=int(out.num_forwards.max()),
+                batch_tpf=generated / (batch_forwards * min(batch, n)), ratio=rate / ar_rate,
+                cpu_seconds=time.process_time() - cpu))
+    return models.name, rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rows = run(args)
-    config = BENCH_100M if args.preset == "bench-100m" else get_preset(args.preset)
-    print(f"# {args.preset} ({config.num_params / 1e6:.1f}M params, {args.dtype}), "
-          f"prompt {args.prompt_length}, {args.max_new_tokens} new tokens, "
-          f"device {jax.devices()[0].device_kind}")
-    print(f"| batch | run | tokens/s | TPF | vs AR |")
-    print(f"|---:|---|---:|---:|---:|")
+    name, rows = run(args)
+    print(f"# {name}, {rows[0]['prompts'] if rows else 0}+ prompts, device "
+          f"{jax.devices()[0].device_kind}; tokens/s exclude compilation")
+    print("| batch | prompts | run | tokens/s | row TPF | batch fwd | lock-step fwd | "
+          "max row fwd | batch TPF | vs AR | CPU s (all runs of the row) |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['batch']} | {r['run']} | {r['tokens_per_s']:.1f} | {r['tpf']:.2f} | "
-              f"{r['ratio']:.2f}x |")
+        lock = "" if r["lock_step_forwards"] is None else str(r["lock_step_forwards"])
+        print(f"| {r['batch']} | {r['prompts']} | {r['run']} | {r['tokens_per_s']:.1f} | "
+              f"{r['row_tpf']:.2f} | {r['batch_forwards']} | {lock} | {r['max_row_forwards']} | "
+              f"{r['batch_tpf']:.2f} | {r['ratio']:.2f}x | {r['cpu_seconds']:.1f} |")
     return 0
 
 

@@ -8,17 +8,22 @@
 orbax params under `params/` and the tokenizer files. `jax-to-hf` writes
 safetensors (sharded past --max-shard-size) and a `config.json` that
 `transformers.AutoModelForCausalLM.from_pretrained` loads. Without --dtype the
-source's dtype is kept. Bad input exits with status 2 and a one-line reason.
+source's dtype is kept. Both directions stream (peak memory does not grow
+with the model) and keep the source's model_type, architectures and other
+config.json keys. Bad input (a damaged file, an unwritable or existing --out,
+--out equal to the input) exits with status 2 and a one-line reason, before
+anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Sequence
 
 from sdar_jax import convert
-from sdar_jax.config import ConfigError
+from sdar_jax.config import ConfigError, export_model_type
 
 
 def _size(text: str) -> int:
@@ -62,20 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command; returns the exit status (0 ok, 2 bad input)."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "hf-to-jax":
-            config = convert.hf_to_jax(args.hf, args.out, args.dtype, overwrite=args.overwrite)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", convert.ExportWarning)
+        try:
+            if args.command == "hf-to-jax":
+                config = convert.hf_to_jax(args.hf, args.out, args.dtype, overwrite=args.overwrite)
+            else:
+                config = convert.jax_to_hf(
+                    args.ckpt, args.out, args.dtype, max_shard_bytes=args.max_shard_size,
+                    overwrite=args.overwrite,
+                )
+        except (convert.ConversionError, ConfigError, OSError) as e:
+            # One line says what is wrong; a tensor check adds one line per mismatch.
+            # (OSError: the disk filled up or vanished while writing; its message names the file.)
+            print(f"convert_checkpoint: error: {e}", file=sys.stderr)
+            return 2
+    for warning in caught:
+        if issubclass(warning.category, convert.ExportWarning):
+            print(f"convert_checkpoint: warning: {warning.message}", file=sys.stderr)
         else:
-            config = convert.jax_to_hf(
-                args.ckpt, args.out, args.dtype, max_shard_bytes=args.max_shard_size,
-                overwrite=args.overwrite,
-            )
-    except (convert.ConversionError, ConfigError) as e:
-        # One line says what is wrong; a tensor check adds one line per mismatch.
-        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
-        return 2
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     print(
-        f"wrote {args.out}: {config.model_type}, {config.num_layers} layers, "
+        f"wrote {args.out}: {export_model_type(config)}, {config.num_layers} layers, "
         f"{config.num_params / 1e6:.1f}M params, {config.param_dtype}"
     )
     return 0

@@ -1,8 +1,10 @@
 """Evaluate an sdar_jax params checkpoint on a JSONL file of problems (batched, jitted).
 
   python launch/evaluate.py --ckpt CKPT_DIR --data FILE.jsonl [--tokenizer DIR] [--chat]
-      [--style gsm8k|math|exact] [--n-samples N] [--k 1,5] [--output FILE.jsonl]
-      [--summary FILE.json] [--batch-size N] [--num-buckets N] [--seed S] [--limit N]
+      [--style gsm8k|math|math_hendrycks|exact]
+      [--gsm8k-extract last-marker|strict-match|flexible-extract]
+      [--n-samples N] [--k 1,5] [--output FILE.jsonl] [--summary FILE.json]
+      [--batch-size N] [--num-buckets N] [--seed S] [--limit N]
       [every decoding flag of launch/generate.py: --mode --block-length --steps --strategy
        --threshold --temperature --top-k --top-p --max-new-tokens --stop-ids ...]
 
@@ -14,10 +16,17 @@ answer, or a full solution ending in `#### 42` / holding `\\boxed{..}`);
 times with its own PRNG keys, and the summary adds unbiased pass@k for each
 `--k` and majority-vote accuracy.
 
+Each bucket decodes in one jitted call with continuous batching over
+`--batch-size` slots (a finished row's slot takes the next waiting row).
+
 Outputs: one JSON line per problem in `--output` (samples, extracted
-answers, correctness, TPF), the summary JSON in `--summary` (default: next to
-`--output` as `<output stem>.summary.json`), and the summary printed. Bad
-input exits with status 2 and a one-line message naming the value.
+answers, correctness, TPF), appended and flushed as soon as the problem's
+last sample is decoded (finished work survives a later failure) and
+rewritten in input order at the end; the summary JSON in `--summary`
+(default: next to `--output` as `<output stem>.summary.json`), and the
+summary printed. Both output paths are checked for writability before any
+work. Compilations are cached on disk (`--compilation-cache`). Bad input
+exits with status 2 and a one-line message naming the value.
 """
 
 from __future__ import annotations
@@ -28,13 +37,31 @@ import os
 import sys
 from typing import Any, Sequence
 
-from sdar_jax.decode.cli import DecodingArgsError, add_decoding_args, decode_config_from_args, resolve_stop_ids
+from sdar_jax.decode.cli import (
+    DecodingArgsError, add_cache_args, add_decoding_args, check_writable, decode_config_from_args,
+    enable_compilation_cache, resolve_stop_ids,
+)
 from sdar_jax.eval import answers
 from sdar_jax.eval.runner import EvalSettings
 
 
 class UsageError(ValueError):
     """Bad command-line input; reported as one line."""
+
+
+STYLE_CHOICES = ("gsm8k", "math", "math_hendrycks", "exact")
+GSM8K_EXTRACTIONS = {"last-marker": "gsm8k", "strict-match": "gsm8k_strict",
+                     "flexible-extract": "gsm8k_flexible"}
+
+
+def _style(args: argparse.Namespace) -> str:
+    """The `sdar_jax.eval.answers` style of --style and --gsm8k-extract."""
+    if args.style == "gsm8k":
+        return GSM8K_EXTRACTIONS[args.gsm8k_extract]
+    if args.gsm8k_extract != "last-marker":
+        raise UsageError(
+            f"--gsm8k-extract {args.gsm8k_extract} needs --style gsm8k, got --style {args.style}")
+    return args.style
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokenizer directory (default: the checkpoint directory)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap prompts in the tokenizer's chat template (user turn)")
-    parser.add_argument("--style", choices=answers.STYLES, default="gsm8k",
-                        help="answer extraction and comparison")
+    parser.add_argument("--style", choices=STYLE_CHOICES, default="gsm8k",
+                        help="answer extraction and comparison: gsm8k (see --gsm8k-extract), math "
+                             "(last \\boxed{}, judged by math-verify; Hendrycks' normaliser with a "
+                             "warning when math-verify is not installed), math_hendrycks, exact")
+    parser.add_argument("--gsm8k-extract", choices=tuple(GSM8K_EXTRACTIONS), default="last-marker",
+                        help="gsm8k answer rule: last-marker (the last `####` line, else the last "
+                             "box; numbers compared by value) or lm-evaluation-harness's "
+                             "strict-match / flexible-extract (its exact_match string comparison)")
     parser.add_argument("--prompt-field", default="prompt")
     parser.add_argument("--answer-field", default="answer")
     parser.add_argument("--n-samples", type=int, default=1, help="samples per problem")
@@ -63,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_decoding_args(parser)
+    add_cache_args(parser)
     return parser
 
 
@@ -105,13 +139,23 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    summary_path = _summary_path(args)
+    try:
+        if args.output:
+            check_writable(args.output, "--output")
+        if summary_path:
+            check_writable(summary_path, "--summary")
+        enable_compilation_cache(args)
+    except DecodingArgsError as e:
+        raise UsageError(str(e)) from e
+
     from sdar_jax import convert
     from sdar_jax.data.tokenizer import TokenizerError, load_tokenizer
     from sdar_jax.eval import runner
 
     try:
         settings = EvalSettings(
-            style=args.style, n_samples=args.n_samples, ks=_ks(args.k), batch_size=args.batch_size,
+            style=_style(args), n_samples=args.n_samples, ks=_ks(args.k), batch_size=args.batch_size,
             num_buckets=args.num_buckets, chat=args.chat, seed=args.seed,
             progress=not args.no_progress,
         )
@@ -137,12 +181,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"tokenizer {tokenizer_dir!r}: {e}") from e
     try:
         decode_config = decode_config_from_args(args, config, resolve_stop_ids(args, tokenizer, config))
-        result = runner.evaluate(params, config, tokenizer, examples, decode_config, settings)
-    except ValueError as e:  # DecodingArgsError, temperature / n-samples, prompt length
+    except ValueError as e:
         raise UsageError(str(e)) from e
-    if args.output:
-        runner.write_jsonl(args.output, result.records)
-    summary_path = _summary_path(args)
+    output = runner.JsonlStream(args.output) if args.output else None
+    try:
+        result = runner.evaluate(
+            params, config, tokenizer, examples, decode_config, settings,
+            on_record=None if output is None else lambda _, record: output.append(record))
+    except ValueError as e:  # temperature / n-samples, prompt length
+        raise UsageError(str(e)) from e
+    if output is not None:
+        output.finish(result.records)
     if summary_path:
         runner.write_summary(summary_path, result.summary)
     print(format_summary(result.summary))

@@ -6,15 +6,24 @@
       [--said-stages K] [--said-rec-steps R] [--said-threshold T] [--chlg-threshold TAU]
       [--chlg-extra-steps N] [--temperature T] [--top-k K] [--top-p P]
       [--max-new-tokens G] [--stop-ids 151645,151643] [--batch-size N] [--seed S]
+      [--compilation-cache DIR|off]
 
 CKPT_DIR is what `launch/convert_checkpoint.py hf-to-jax` (or the trainer)
 writes: `config.json` and `params/`, plus tokenizer files. A prompts file
 holds one JSON object per line with `prompt` (text) or `prompt_ids` (a list
-of token ids); each output line holds `completion`, `completion_ids`,
-`num_forwards` and `tokens_per_forward`. A single prompt streams its text
+of token ids); each output line holds `index` (the prompt's line),
+`completion`, `completion_ids`, `num_forwards` and `tokens_per_forward`.
+
+All prompts decode in one jitted call with continuous batching over
+`--batch-size` slots: when a sequence finishes, the next prompt takes its
+slot (no recompilation). Each result is appended to `--output` (flushed) as
+soon as it is produced, so a failure later loses no finished work; at the
+end the file is rewritten in input order. `--output` is checked for
+writability before anything is loaded. A single prompt streams its text
 block by block to stdout; every run ends with a summary line (TPF and
-tokens/s). Bad input exits with status 2 and a one-line message naming the
-value.
+tokens/s). Compilations are cached on disk (see `--compilation-cache`), so a
+second run on the same shapes does not compile again. Bad input exits with
+status 2 and a one-line message naming the value.
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from sdar_jax.decode.cli import (
-    DecodingArgsError, add_decoding_args, decode_config_from_args, resolve_stop_ids,
+    DecodingArgsError, add_cache_args, add_decoding_args, check_writable, decode_config_from_args,
+    enable_compilation_cache, resolve_stop_ids,
 )
 
 # Prompt buckets: a batch's prompts are right-padded to the next power of two
@@ -56,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wrap text prompts in the tokenizer's chat template (user turn)")
     parser.add_argument("--output", help="JSONL file to write one result per prompt")
     add_decoding_args(parser)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="batch rows (slots) of continuous batching")
     parser.add_argument("--seed", type=int, default=0)
+    add_cache_args(parser)
     return parser
 
 
@@ -156,15 +168,49 @@ class _Streamer:
             self.printed = text
 
 
+class _Records:
+    """Output records per prompt; `on_finish` (a host callback from the decoding
+    loop) appends each to the output stream as soon as it is produced."""
+
+    def __init__(self, items, tokenizer, stop_ids, stream):
+        self.items, self.tokenizer, self.stop_ids = items, tokenizer, set(stop_ids)
+        self.stream = stream
+
+    def record(self, index: int, ids: list[int], forwards: int, committed: int) -> dict[str, Any]:
+        text_ids = ids[:-1] if ids and ids[-1] in self.stop_ids else ids
+        return {
+            "index": index,
+            **self.items[index],
+            "completion": self.tokenizer.decode(text_ids) if self.tokenizer is not None else None,
+            "completion_ids": ids,
+            "num_forwards": forwards,
+            "tokens_per_forward": committed / max(forwards, 1),
+        }
+
+    def on_finish(self, indices, finished, tokens, lengths, forwards, committed) -> None:
+        for slot in np.flatnonzero(np.asarray(finished)):
+            ids = np.asarray(tokens[slot, : int(lengths[slot])]).tolist()
+            self.stream.append(
+                self.record(int(indices[slot]), ids, int(forwards[slot]), int(committed[slot])))
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        if args.output:
+            check_writable(args.output, "--output")
+        enable_compilation_cache(args)
+    except DecodingArgsError as e:
+        raise UsageError(str(e)) from e
+
     import jax
     import jax.numpy as jnp
 
     from sdar_jax import convert
-    from sdar_jax.decode.decoder import generate
+    from sdar_jax.decode.decoder import Hooks, generate_many
+    from sdar_jax.eval.runner import JsonlStream
 
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     items = _read_prompts(args)
     if not os.path.isdir(args.ckpt):
         raise UsageError(f"--ckpt {args.ckpt!r}: no such directory")
@@ -192,49 +238,41 @@ def run(args: argparse.Namespace) -> int:
     if len(prompts) == 1 and tokenizer is not None and args.output is None:
         stream = _Streamer(tokenizer, len(prompts[0]), dc.max_new_tokens, dc.stop_ids)
 
+    width = min(_bucket(longest), max_prompt)
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for i, ids in enumerate(prompts):
+        tokens[i, : len(ids)] = ids
     rng = jax.random.key(args.seed)
-    results: list[dict[str, Any]] = []
-    total_tokens = total_committed = total_forwards = 0
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(len(prompts)))
+    output = JsonlStream(args.output) if args.output else None
+    records = _Records(items, tokenizer, dc.stop_ids, output)
     start_time = time.perf_counter()
-    for first in range(0, len(prompts), args.batch_size):
-        chunk = prompts[first : first + args.batch_size]
-        width = min(_bucket(max(map(len, chunk))), max_prompt)
-        tokens = np.zeros((len(chunk), width), np.int32)
-        for i, ids in enumerate(chunk):
-            tokens[i, : len(ids)] = ids
-        keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(first, first + len(chunk)))
-        out = jax.device_get(generate(
-            params, config, jnp.asarray(tokens), jnp.asarray([len(p) for p in chunk], jnp.int32),
-            keys, dc, stream=stream,
-        ))
-        for i in range(len(chunk)):
-            ids = out.tokens[i, : int(out.lengths[i])].tolist()
-            text_ids = ids[:-1] if ids and ids[-1] in dc.stop_ids else ids
-            results.append({
-                **items[first + i],
-                "completion": tokenizer.decode(text_ids) if tokenizer is not None else None,
-                "completion_ids": ids,
-                "num_forwards": int(out.num_forwards[i]),
-                "tokens_per_forward": float(out.tokens_per_forward[i]),
-            })
-            total_tokens += len(ids)
-            total_committed += int(out.num_committed[i])
-            total_forwards += int(out.num_forwards[i])
+    out = jax.device_get(generate_many(
+        params, config, jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32),
+        keys, dc, num_slots=args.batch_size,
+        hooks=Hooks(stream=stream, on_finish=records.on_finish if output else None),
+    ))
     elapsed = time.perf_counter() - start_time
-
-    if args.output:
-        with open(args.output, "w") as f:
-            for result in results:
-                f.write(json.dumps(result) + "\n")
+    results = [
+        records.record(i, out.tokens[i, : int(out.lengths[i])].tolist(), int(out.num_forwards[i]),
+                      int(out.num_committed[i]))
+        for i in range(len(prompts))
+    ]
+    if output is not None:
+        output.finish(results)
     elif stream is None:
         for result in results:
             print(result["completion"] if result["completion"] is not None else result["completion_ids"])
     else:
         print()
+    total_tokens = int(np.asarray(out.lengths).sum())
+    total_committed = int(np.asarray(out.num_committed).sum())
+    total_forwards = int(np.asarray(out.num_forwards).sum())
     tpf = total_committed / max(total_forwards, 1)
     print(
         f"prompts={len(results)} tokens={total_tokens} forwards={total_forwards} TPF={tpf:.3f} "
-        f"tokens/s={total_tokens / elapsed:.1f} (wall clock incl. compilation, {elapsed:.2f}s)",
+        f"batch_forwards={int(out.batch_forwards)} tokens/s={total_tokens / elapsed:.1f} "
+        f"(wall clock incl. compilation, {elapsed:.2f}s)",
         file=sys.stderr,
     )
     return 0

@@ -15,22 +15,155 @@ returns, so the caller may donate the state right after), the last `keep`
 steps are kept, and a step directory appears under its final name only once
 every item is written (orbax's temporary-directory + rename), so a crash
 mid-save never leaves a half checkpoint that `latest_step` would pick.
+
+Integrity: orbax checksums only its shard indices, not the data (a flipped
+byte in a parameter restores silently), so every step also records
+`sdar_integrity.json`: the size and SHA-256 of each of its files. It is
+written into orbax's staging directory after every item is finalised and
+before the directory is renamed to its final name (asynchronous saves; a
+synchronous save seals the final directory right after), so a step without it
+is an interrupted save. `restore` walks the steps newest first and takes the
+first one whose files match their record, whose items restore and whose
+state is finite everywhere; each step it passes over gets one warning naming
+the step and the file, and is renamed `<step>.damaged` so that the resumed
+run can save that step again. When no step is intact it raises
+`CheckpointIntegrityError` listing what it found for each.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
+import logging
 import os
-from typing import Any, Mapping
+import threading
+from typing import Any, Callable, Mapping, NamedTuple
 
 import grain.checkpoint
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 STATE, DATA, CONFIG = "state", "data", "config"
+INTEGRITY_FILE = "sdar_integrity.json"
+INTEGRITY_FORMAT = 1
+DAMAGED_SUFFIX = ".damaged"
+# orbax stages a step in `<step>.orbax-checkpoint-tmp...` and renames it when done.
+_STAGING_SUFFIX = ".orbax-checkpoint-tmp"
+# Step-level files orbax writes or rewrites when it commits the step (after the
+# record is sealed): its bookkeeping, not needed to restore the items.
+_UNRECORDED = frozenset({INTEGRITY_FILE, "_CHECKPOINT_METADATA", "commit_success.txt"})
+
+_log = logging.getLogger(__name__)
+
+
+class CheckpointIntegrityError(RuntimeError):
+    """No checkpoint step in a directory is intact; `damaged` says what was wrong with each."""
+
+    def __init__(self, directory: str, damaged: list["DamagedStep"]):
+        self.directory = directory
+        self.damaged = damaged
+        found = "; ".join(f"step {d.step}: {d.problem}" for d in damaged)
+        super().__init__(
+            f"no intact checkpoint in {directory} (found {found}); move the directory away to "
+            "start afresh, or restore an intact copy")
+
+
+class DamagedStep(NamedTuple):
+    """A step that failed verification: `problem` names the file or leaf."""
+
+    step: int
+    problem: str
+
+
+class Restored(NamedTuple):
+    """What `Checkpointer.restore` returns: the state, its step, the steps passed over."""
+
+    state: Any
+    step: int
+    damaged: tuple[DamagedStep, ...] = ()
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+    """Paths of every file under `directory` (relative, sorted), but the step-level
+    files of `_UNRECORDED`."""
+    found = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), directory)
+            if rel not in _UNRECORDED:
+                found.append(rel)
+    return sorted(found)
+
+
+def write_integrity_record(step_dir: str, step: int) -> None:
+    """Writes `<step_dir>/sdar_integrity.json` (size + SHA-256 of every file), atomically."""
+    files = {}
+    for rel in _files(step_dir):
+        path = os.path.join(step_dir, rel)
+        files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    record = {"format": INTEGRITY_FORMAT, "step": step, "algorithm": "sha256", "files": files}
+    target = os.path.join(step_dir, INTEGRITY_FILE)
+    with open(target + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(target + ".tmp", target)
+
+
+def verify_step_files(step_dir: str) -> str | None:
+    """None when every file of the step's integrity record is there with its size and
+    checksum; else what is wrong, naming the file."""
+    try:
+        with open(os.path.join(step_dir, INTEGRITY_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+        files = record["files"]
+        if not isinstance(files, dict) or not files:
+            raise ValueError("it lists no files")
+    except FileNotFoundError:
+        return f"{INTEGRITY_FILE} is missing (the save was interrupted, or predates integrity records)"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{INTEGRITY_FILE} is unreadable ({e})"
+    for rel, entry in sorted(files.items()):
+        path = os.path.join(step_dir, rel)
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        size = os.path.getsize(path)
+        if size != entry["bytes"]:
+            return f"{rel} has {size} bytes where {entry['bytes']} were written (truncated?)"
+        if _sha256(path) != entry["sha256"]:
+            return f"{rel} does not match its SHA-256 (corrupted)"
+    return None
+
+
+def first_non_finite(state: Any) -> str | None:
+    """The path of the first floating-point leaf holding NaN/inf, or None."""
+    leaves = [
+        (path, x) for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    finite = jax.device_get([jnp.isfinite(x).all() for _, x in leaves])
+    for (path, _), ok in zip(leaves, finite):
+        if not ok:
+            return jax.tree_util.keystr(path)
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 class Checkpointer:
-    """An orbax CheckpointManager for train state + data iterator + config.
+    """An orbax CheckpointManager for train state + data iterator + config, with
+    integrity records (see the module docstring).
 
     Args:
       directory: where step directories go (created if missing).
@@ -44,13 +177,52 @@ class Checkpointer:
             raise ValueError(f"Checkpointer: save_every ({save_every}) and keep ({keep}) must be >= 1")
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_every = save_every
+        self._unsealed: set[int] = set()  # started saves whose integrity record is not written yet
+        self._lock = threading.Lock()
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every,
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._seal_staged) if async_save else None,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _seal_staged(self) -> None:
+        """orbax's post-finalisation hook (background thread): every item of the step in
+        flight is written, its staging directory not yet renamed. orbax runs one save
+        at a time, so the started steps with a staging directory are that one (or
+        leftovers of failed saves, which never become steps)."""
+        if jax.process_index() != 0:
+            return
+        with self._lock:
+            steps = sorted(self._unsealed)
+        for step in steps:
+            staged = glob.glob(glob.escape(self._step_dir(step)) + _STAGING_SUFFIX + "*")
+            if len(staged) == 1 and os.path.isdir(staged[0]):
+                try:
+                    write_integrity_record(staged[0], step)
+                except OSError as e:  # the step then reads as interrupted; training goes on
+                    _log.warning("checkpoint step %d: could not write %s: %s", step, INTEGRITY_FILE, e)
+                with self._lock:
+                    self._unsealed.discard(step)
+
+    def _seal_final(self) -> None:
+        """Seals finished steps still without a record (synchronous saves; storage
+        without staging directories). Records are read and written with POSIX file
+        calls: checkpoint directories are local or mounted file systems."""
+        with self._lock:
+            steps = sorted(self._unsealed)
+        for step in steps:
+            final = self._step_dir(step)
+            if os.path.isdir(final):
+                if jax.process_index() == 0 and not os.path.exists(os.path.join(final, INTEGRITY_FILE)):
+                    write_integrity_record(final, step)
+                with self._lock:
+                    self._unsealed.discard(step)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -87,7 +259,9 @@ class Checkpointer:
           config: the run config as a JSON-serialisable dict.
           force: save even off the interval.
         """
-        return self._manager.save(
+        with self._lock:
+            self._unsealed.add(step)
+        started = self._manager.save(
             step,
             args=ocp.args.Composite(**{
                 STATE: ocp.args.StandardSave(state),
@@ -96,30 +270,91 @@ class Checkpointer:
             }),
             force=force,
         )
+        if not started:
+            with self._lock:
+                self._unsealed.discard(step)
+        # orbax finished the previous save before starting this one (a synchronous
+        # save: this one too); seal whatever the staging hook could not.
+        self._seal_final()
+        return started
 
-    def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None) -> tuple[Any, int]:
-        """Restores the state and sets the iterator's position.
+    def restore(
+        self,
+        abstract_state: Any,
+        data_iterator: Any,
+        step: int | None = None,
+        *,
+        check_config: Callable[[int, dict[str, Any]], None] | None = None,
+    ) -> Restored:
+        """Restores the newest intact step's state and sets the iterator's position.
+
+        A step is intact when its files match its integrity record, its items
+        restore and every floating-point leaf of the state is finite. Steps
+        newer than the one restored that are not intact are reported (one
+        warning each, naming the file) and renamed `<step>.damaged`.
 
         Args:
           abstract_state: a TrainState of ShapeDtypeStructs, each with the
             sharding to restore onto.
           data_iterator: the (fresh) grain iterator to position; set in place.
-          step: the step to restore; None for the latest.
+          step: restore exactly this step (no fallback); None for the newest intact one.
+          check_config: called with (step, its saved run config) before the
+            step's state is restored; raise to refuse the resume (the error propagates).
 
         Returns:
-          (state, step).
+          Restored(state, step, damaged).
+
+        Raises:
+          FileNotFoundError: there is no checkpoint at all.
+          CheckpointIntegrityError: no candidate step is intact.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
+        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(**{
-                STATE: ocp.args.StandardRestore(abstract_state),
-                DATA: grain.checkpoint.CheckpointRestore(data_iterator),
-            }),
-        )
-        return restored[STATE], step
+        damaged: list[DamagedStep] = []
+        for candidate in steps:
+            problem = verify_step_files(self._step_dir(candidate))
+            if problem is None:
+                if check_config is not None:
+                    check_config(candidate, self.restore_config(candidate))
+                try:
+                    restored = self._manager.restore(
+                        candidate,
+                        args=ocp.args.Composite(**{
+                            STATE: ocp.args.StandardRestore(abstract_state),
+                            DATA: grain.checkpoint.CheckpointRestore(data_iterator),
+                        }),
+                    )
+                except Exception as e:  # noqa: BLE001 - any failure to read makes the step unusable
+                    problem = f"restoring it failed ({_first_line(e)})"
+                else:
+                    leaf = first_non_finite(restored[STATE])
+                    if leaf is None:
+                        self._set_aside(damaged)
+                        return Restored(restored[STATE], candidate, tuple(damaged))
+                    problem = f"state{leaf} holds NaN or inf"
+            _log.warning("checkpoint step %d in %s is damaged: %s", candidate, self.directory, problem)
+            damaged.append(DamagedStep(candidate, problem))
+        raise CheckpointIntegrityError(self.directory, damaged)
+
+    def _set_aside(self, damaged: list[DamagedStep]) -> None:
+        """Renames damaged steps `<step>.damaged[.N]` (kept for inspection; orbax no
+        longer lists them, so the resumed run can write those steps again)."""
+        if not damaged:
+            return
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("sdar_jax.checkpoint.verified")
+        if jax.process_index() == 0:
+            for entry in damaged:
+                source = self._step_dir(entry.step)
+                target, n = source + DAMAGED_SUFFIX, 1
+                while os.path.exists(target):
+                    target, n = f"{source}{DAMAGED_SUFFIX}.{n}", n + 1
+                os.rename(source, target)
+                _log.warning("checkpoint step %d moved to %s", entry.step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("sdar_jax.checkpoint.set_aside")
+        self._manager.reload()
 
     def restore_config(self, step: int | None = None) -> dict[str, Any]:
         """The run config saved with a step (the latest by default)."""
@@ -130,12 +365,13 @@ class Checkpointer:
         return restored[CONFIG]
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are finished."""
+        """Blocks until pending asynchronous saves are finished (and sealed)."""
         self._manager.wait_until_finished()
+        self._seal_final()
 
     def close(self) -> None:
         """Waits for pending saves and releases the manager's resources."""
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":

@@ -251,8 +251,8 @@ def from_hf_config(hf: Mapping[str, Any], source: str = "config.json", **runtime
     return ModelConfig(**fields)
 
 
-def load_hf_config(path: str | os.PathLike, **runtime: Any) -> ModelConfig:
-    """Reads a `config.json` file (or a directory holding one)."""
+def read_hf_config_json(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """(the file's path, its parsed dict) of a `config.json` file or a directory holding one."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
@@ -261,29 +261,67 @@ def load_hf_config(path: str | os.PathLike, **runtime: Any) -> ModelConfig:
     with open(path) as f:
         try:
             hf = json.load(f)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return path, hf
+
+
+def load_hf_config(path: str | os.PathLike, **runtime: Any) -> ModelConfig:
+    """Reads a `config.json` file (or a directory holding one)."""
+    path, hf = read_hf_config_json(path)
     return from_hf_config(hf, source=path, **runtime)
 
 
-_HF_ARCHITECTURES = {
+# The `architectures` entry each model type is written with: SDAR's release
+# names its own classes (engines such as lmdeploy, SGLang and JetEngine
+# recognise a block-diffusion model by them).
+HF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
-    "sdar": "Qwen3ForCausalLM",
+    "sdar": "SDARForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
-    "sdar_moe": "Qwen3MoeForCausalLM",
+    "sdar_moe": "SDARMoeForCausalLM",
     "llama": "LlamaForCausalLM",
 }
+_SDAR_TYPE_OF = {"qwen3": "sdar", "qwen3_moe": "sdar_moe"}
 
 
-def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    """A `config.json` dict that transformers loads with its built-in classes.
+def export_model_type(cfg: ModelConfig) -> str:
+    """The model_type a checkpoint of `cfg` is written with: its own, except a
+    Qwen3(-MoE) network trained as a block-diffusion model (it has a mask
+    token and a block size), which is an SDAR model (spec §2)."""
+    if cfg.is_diffusion and cfg.block_size is not None:
+        return _SDAR_TYPE_OF.get(cfg.model_type, cfg.model_type)
+    return cfg.model_type
 
-    SDAR model types are written as their Qwen3 equivalents (the network is the
-    same) and keep `block_size` / `mask_token_id` as extra fields.
+
+def _same_ids(value: Any, wanted: int | None) -> bool:
+    return _single_id(value) == wanted
+
+
+def to_hf_config(cfg: ModelConfig, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The `config.json` dict of `cfg`.
+
+    Args:
+      cfg: the model config.
+      base: the source checkpoint's `config.json`, if any: every key it has
+        that `cfg` does not describe (`fuse_cross_entropy`, `use_cache`,
+        `rope_scaling`, `auto_map`, ...) is kept as it was, and so are its
+        `architectures` when the model type is unchanged and its token-id
+        lists when their first id is the one `cfg` holds.
+
+    SDAR model types stay `sdar` / `sdar_moe` (architectures
+    `SDARForCausalLM` / `SDARMoeForCausalLM`, what the release writes; the
+    network is Qwen3's); `block_size`, `mask_token_id` and a non-default
+    `logits_convention` are written as fields.
     """
-    model_type = {"sdar": "qwen3", "sdar_moe": "qwen3_moe"}.get(cfg.model_type, cfg.model_type)
-    hf: dict[str, Any] = dict(
-        architectures=[_HF_ARCHITECTURES[cfg.model_type]],
+    base = dict(base or {})
+    model_type = export_model_type(cfg)
+    hf: dict[str, Any] = dict(base)
+    if base.get("model_type") != model_type or not base.get("architectures"):
+        hf["architectures"] = [HF_ARCHITECTURES[model_type]]
+    hf.update(
         model_type=model_type,
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -293,37 +331,54 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         head_dim=cfg.head_dim,
         intermediate_size=cfg.intermediate_size,
         rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=cfg.tie_word_embeddings,
         hidden_act="silu",
         attention_bias=False,
-        attention_dropout=0.0,
-        use_sliding_window=False,
-        sliding_window=None,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id,
-        torch_dtype=cfg.param_dtype,
     )
+    hf.setdefault("attention_dropout", 0.0)
+    if model_type != "llama" or "use_sliding_window" in base:  # Llama has no sliding window fields
+        hf["use_sliding_window"] = False
+        hf.setdefault("sliding_window", None)
+    for key in ("bos_token_id", "eos_token_id"):
+        if key not in base or not _same_ids(base[key], getattr(cfg, key)):
+            hf[key] = getattr(cfg, key)
+    # transformers 5 writes rope_parameters and dtype where older files have
+    # rope_theta and torch_dtype: keep the source's form.
+    if isinstance(base.get("rope_parameters"), Mapping):
+        hf["rope_parameters"] = {**base["rope_parameters"], "rope_theta": cfg.rope_theta}
+    if "rope_theta" in base or "rope_parameters" not in base:
+        hf["rope_theta"] = cfg.rope_theta
+    if "dtype" in base:
+        hf["dtype"] = cfg.param_dtype
+    if "torch_dtype" in base or "dtype" not in base:
+        hf["torch_dtype"] = cfg.param_dtype
     if model_type == "llama":
         hf["mlp_bias"] = False
     if cfg.is_moe:
+        # transformers 5 spells the expert count num_local_experts.
+        experts_key = "num_local_experts" if "num_local_experts" in base and "num_experts" not in base else "num_experts"
         hf.update(
-            num_experts=cfg.num_experts,
+            {experts_key: cfg.num_experts},
             num_experts_per_tok=cfg.num_experts_per_tok,
             moe_intermediate_size=cfg.moe_intermediate_size,
             norm_topk_prob=cfg.norm_topk_prob,
             router_aux_loss_coef=cfg.router_aux_loss_coef,
             decoder_sparse_step=1,
             mlp_only_layers=[],
-            output_router_logits=False,
         )
-    if cfg.block_size is not None:
-        hf["block_size"] = cfg.block_size
-    if cfg.mask_token_id is not None:
-        hf["mask_token_id"] = cfg.mask_token_id
+        hf.setdefault("output_router_logits", False)
+        if "num_local_experts" in base:
+            hf["num_local_experts"] = cfg.num_experts
+    for key in ("block_size", "mask_token_id"):
+        if getattr(cfg, key) is not None:
+            hf[key] = getattr(cfg, key)
+        else:
+            hf.pop(key, None)
     if cfg.logits_convention != "same_position":
         hf["logits_convention"] = cfg.logits_convention
+    else:
+        hf.pop("logits_convention", None)
     return hf
 
 

@@ -12,39 +12,57 @@ q_proj `[heads * head_dim, hidden]` -> `[hidden, heads, head_dim]`.
 To support new tensor names (another family, another MLP), add a builder to
 `tensor_rules`; reading, checking, stacking and writing follow from the table.
 
-Conversion streams: every tensor is read on its own (`safetensors.safe_open`)
-and written into a preallocated stacked numpy array, so the peak is about one
-copy of the output plus one tensor. Every header is checked against the
-config before any data is read, and all mismatches are reported in one
+Both conversions stream piece by piece (`Piece`: one layer's or one
+expert's tensor, or a block of about PIECE_BYTES of the embedding / output
+head), so peak memory does not depend on the model's size: `hf_to_jax` reads
+each piece from the safetensors files and writes it into its region of the
+stored stacked parameter with tensorstore (each stored chunk is one piece);
+`jax_to_hf` reads the parameters region by region and appends each tensor to
+the safetensors shard being written. Every header is checked against the
+config before anything is written, and all mismatches are reported in one
 `ConversionError`. Outputs are written under a temporary name in the target's
 parent directory and renamed at the end, so a failure leaves nothing behind.
 
-A params checkpoint (what `hf_to_jax` writes) is a directory with
-`config.json` (`sdar_jax.config.to_hf_config`), an orbax checkpoint of the
-param pytree under `params/`, and the source's tokenizer files, if any.
+A params checkpoint is a directory with `config.json` (`to_hf_config`, with
+the source's other keys kept), an orbax checkpoint of the param pytree under
+`params/`, and the source's tokenizer (and remote-code) files, if any.
+`hf_to_jax` writes the orbax checkpoint without OCDBT (one zarr array per
+parameter, chunked by piece; orbax writes the tree metadata);
+`save_params_checkpoint` (the trainer's export) lets orbax write OCDBT.
+Orbax restores both (`load_params_checkpoint`, sharded restores included)
+and `jax_to_hf` reads both.
 
-This module needs numpy, ml_dtypes, safetensors and orbax only (no torch,
-no transformers, no Flax).
+This module needs numpy, ml_dtypes, safetensors, tensorstore and orbax only
+(no torch, no transformers, no Flax).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import ctypes
 import dataclasses
+import functools
 import json
+import logging
 import math
 import os
 import shutil
+import struct
 import tempfile
-from typing import Any, Callable, Iterator, Mapping, Sequence
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safe_open can read BF16)
 import numpy as np
 import orbax.checkpoint as ocp
-from safetensors import safe_open
-from safetensors.numpy import save_file
+import tensorstore as ts
+from etils import epath
+from orbax.checkpoint import type_handlers
+from safetensors import SafetensorError, safe_open
 
-from sdar_jax.config import ModelConfig, load_hf_config, to_hf_config
+from sdar_jax.config import ModelConfig, from_hf_config, read_hf_config_json, to_hf_config
 
 PARAMS_SUBDIR = "params"
 CONFIG_FILE = "config.json"
@@ -65,11 +83,53 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32),
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
 }
+_SAFETENSORS_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# The largest block of an unstacked tensor (embedding, head) converted at once.
+PIECE_BYTES = 64 * 1024**2
+# Bytes converted between two returns of freed heap memory to the OS (_FreedMemory).
+_TRIM_BYTES = 16 * 1024**2
+# Pieces whose tensorstore write may still be running while the next is read.
+_WRITES_IN_FLIGHT = 2
+# orbax's file (in the params directory) that holds the tree; written last.
+_ORBAX_TREE_METADATA = "_METADATA"
 
 
 class ConversionError(ValueError):
     """The input checkpoint does not match what the config describes, or is unreadable."""
+
+
+class ExportWarning(UserWarning):
+    """An exported checkpoint that engines reading the release's format will misread."""
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None elsewhere."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+class _FreedMemory:
+    """Hands freed heap memory back to the OS every _TRIM_BYTES converted.
+
+    tensorstore copies each piece on its own threads, and glibc keeps what
+    those threads free in per-thread arenas: without trimming, the process's
+    resident size creeps up with the number of pieces (measured: +130 MB
+    over 27 small layers) although nothing is live.
+    """
+
+    def __init__(self) -> None:
+        self._since = 0
+
+    def add(self, nbytes: int) -> None:
+        self._since += nbytes
+        trim = _malloc_trim()
+        if self._since >= _TRIM_BYTES and trim is not None:
+            trim(0)
+            self._since = 0
 
 
 # ---------------------------------------------------------------------------
@@ -130,6 +190,66 @@ class TensorRule:
         if self.transpose:
             return value.reshape(self.hf_shape[::-1]).T
         return value.reshape(self.hf_shape)
+
+    def row_block(self, config: ModelConfig, itemsize: int) -> int | None:
+        """Rows of the Hugging Face tensor converted at a time: a block of
+        about PIECE_BYTES for an unstacked 2-D tensor that is larger (the
+        embedding, the output head), None where the whole tensor is one piece
+        (a stacked parameter's slice: one layer, one expert)."""
+        if self.stack_axes(config) or len(self.hf_shape) != 2:
+            return None
+        if self.param_shape != (self.hf_shape[::-1] if self.transpose else self.hf_shape):
+            return None
+        rows = max(1, PIECE_BYTES // (self.hf_shape[1] * itemsize))
+        return rows if rows < self.hf_shape[0] else None
+
+    def pieces(self, config: ModelConfig, itemsize: int) -> Iterator["Piece"]:
+        """Every region converted on its own, in file order."""
+        block = self.row_block(config, itemsize)
+        for name, index in self.instances(config):
+            if block is None:
+                yield Piece(name, self, index, None)
+                continue
+            for start in range(0, self.hf_shape[0], block):
+                yield Piece(name, self, index, slice(start, min(start + block, self.hf_shape[0])))
+
+    def chunk_shape(self, config: ModelConfig, itemsize: int) -> tuple[int, ...]:
+        """The stored parameter's chunk: exactly one piece, so each piece is
+        written without reading back (and read without reading more)."""
+        block = self.row_block(config, itemsize)
+        if block is not None:
+            return (self.hf_shape[1], block) if self.transpose else (block, self.hf_shape[1])
+        return (1,) * len(self.stack_axes(config)) + self.param_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One region converted at a time: a whole Hugging Face tensor (a slice
+    of a stacked parameter at `index`), or the rows `rows` of an unstacked
+    2-D one (columns of the parameter when the rule transposes)."""
+
+    name: str
+    rule: TensorRule
+    index: tuple[int, ...]
+    rows: slice | None
+
+    def param_region(self) -> tuple:
+        """The index expression of this piece in the parameter."""
+        if self.rows is None:
+            return self.index
+        return (slice(None), self.rows) if self.rule.transpose else (self.rows,)
+
+    def to_param(self, tensor: np.ndarray) -> np.ndarray:
+        """The Hugging Face region -> the parameter region."""
+        if self.rows is None:
+            return self.rule.to_param(tensor)
+        return tensor.T if self.rule.transpose else tensor
+
+    def to_hf(self, value: np.ndarray) -> np.ndarray:
+        """The parameter region -> the Hugging Face region."""
+        if self.rows is None:
+            return self.rule.to_hf(value)
+        return value.T if self.rule.transpose else value
 
 
 def _linear(hf_name: str, path: tuple[str, ...], out_shape: tuple[int, ...],
@@ -274,6 +394,76 @@ def _pickle_message(path: str) -> str:
     )
 
 
+@contextlib.contextmanager
+def _open_safetensors(path: str) -> Iterator[Any]:
+    """safe_open, with a truncated, empty or garbage file reported by name."""
+    try:
+        handle = safe_open(path, framework="numpy")
+    except (SafetensorError, OSError) as e:
+        raise ConversionError(f"{path}: not a readable safetensors file ({e})") from e
+    with handle as f:
+        yield f
+
+
+_SAFETENSORS_NUMPY = {
+    "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+
+
+class _SafetensorsReader:
+    """Reads tensors, or row blocks of them, from safetensors files with plain
+    reads at the offsets their headers give.
+
+    The safetensors library reads through a memory map, whose pages count as
+    resident until the file is closed: a 5 GB shard read tensor by tensor
+    would end up all resident. Files are validated with the library first
+    (`_read_headers`); here each read allocates only the block it returns.
+    """
+
+    def __init__(self) -> None:
+        self._headers: dict[str, tuple[int, dict[str, Any]]] = {}  # path -> (data start, header)
+
+    def _header(self, path: str) -> tuple[int, dict[str, Any]]:
+        if path not in self._headers:
+            try:
+                with open(path, "rb") as f:
+                    (size,) = struct.unpack("<Q", f.read(8))
+                    self._headers[path] = (8 + size, json.loads(f.read(size)))
+            except (OSError, struct.error, ValueError) as e:
+                raise ConversionError(f"{path}: not a readable safetensors file ({e})") from e
+        return self._headers[path]
+
+    def offset(self, path: str, name: str) -> int:
+        """Where tensor `name`'s data starts in file `path` (to read files front to back)."""
+        start, header = self._header(path)
+        entry = header.get(name)
+        return start + entry["data_offsets"][0] if isinstance(entry, dict) else 0
+
+    def read(self, path: str, name: str, rows: slice | None = None) -> np.ndarray:
+        """The tensor `name` of file `path` (rows `rows` of it, if given)."""
+        start, header = self._header(path)
+        entry = header.get(name)
+        if entry is None or entry.get("dtype") not in _SAFETENSORS_NUMPY:
+            raise ConversionError(f"{path}: no readable float tensor {name}")
+        dtype, shape = _SAFETENSORS_NUMPY[entry["dtype"]], tuple(entry["shape"])
+        row_items = math.prod(shape[1:])
+        first, stop = (0, shape[0] if shape else 1) if rows is None else (rows.start, rows.stop)
+        count = (stop - first) * row_items
+        with open(path, "rb") as f:
+            f.seek(start + entry["data_offsets"][0] + first * row_items * dtype.itemsize)
+            data = np.fromfile(f, dtype=dtype, count=count)
+        if data.size != count:
+            raise ConversionError(f"{path}: tensor {name} is cut short (the file is truncated)")
+        return data.reshape(shape if rows is None else (stop - first,) + shape[1:])
+
+    def __enter__(self) -> "_SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._headers.clear()
+
+
 def find_safetensors(hf_dir: str | os.PathLike) -> dict[str, str]:
     """Maps every tensor name to the safetensors file holding it.
 
@@ -282,7 +472,8 @@ def find_safetensors(hf_dir: str | os.PathLike) -> dict[str, str]:
 
     Raises:
       ConversionError: the directory or a listed shard is missing, only pickle
-        files are present, or a tensor appears in two files.
+        files are present, a file is not readable safetensors, or a tensor
+        appears in two files.
     """
     hf_dir = os.fspath(hf_dir)
     if os.path.isfile(hf_dir) and hf_dir.endswith(PICKLE_SUFFIXES):
@@ -292,15 +483,16 @@ def find_safetensors(hf_dir: str | os.PathLike) -> dict[str, str]:
     entries = sorted(os.listdir(hf_dir))
     index_path = os.path.join(hf_dir, SAFETENSORS_INDEX)
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            try:
+        try:
+            with open(index_path) as f:
                 weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ConversionError(f"{index_path}: not a safetensors index ({e!r})") from e
-        missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(hf_dir, f))})
+            located = {str(name): os.path.join(hf_dir, file) for name, file in weight_map.items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ConversionError(f"{index_path}: not a safetensors index ({e!r})") from e
+        missing = sorted({os.path.basename(f) for f in located.values() if not os.path.isfile(f)})
         if missing:
             raise ConversionError(f"{index_path}: lists shard files that do not exist: {missing}")
-        return {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
+        return located
     files = [e for e in entries if e.endswith(".safetensors")]
     if not files:
         pickles = [e for e in entries if e.endswith(PICKLE_SUFFIXES)]
@@ -310,7 +502,7 @@ def find_safetensors(hf_dir: str | os.PathLike) -> dict[str, str]:
     located: dict[str, str] = {}
     for file in files:
         path = os.path.join(hf_dir, file)
-        with safe_open(path, framework="numpy") as f:
+        with _open_safetensors(path) as f:
             for name in f.keys():
                 if name in located:
                     raise ConversionError(f"tensor {name!r} appears in both {located[name]} and {path}")
@@ -330,7 +522,7 @@ def _read_headers(located: Mapping[str, str]) -> dict[str, _Header]:
     for name, path in located.items():
         by_file.setdefault(path, []).append(name)
     for path, names in by_file.items():
-        with safe_open(path, framework="numpy") as f:
+        with _open_safetensors(path) as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:
@@ -384,8 +576,79 @@ def _default_dtype(headers: Mapping[str, _Header]) -> str:
     return "bfloat16" if dtypes == {"BF16"} else "float32"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """A checked Hugging Face directory: what to read, where, into which config."""
+
+    hf_dir: str
+    config: ModelConfig
+    hf_config: dict[str, Any]  # the source's config.json
+    located: dict[str, str]  # tensor name -> file
+
+    def pieces_by_file(self) -> list[tuple[str, list[Piece]]]:
+        """Every piece, grouped by the file holding it (files in name order)."""
+        by_file: dict[str, list[Piece]] = {}
+        for name, pieces in _hf_pieces(self.config, self.config.param_dtype).items():
+            by_file.setdefault(self.located[name], []).extend(pieces)
+        return sorted(by_file.items())
+
+
+def _check_source(hf_dir: str | os.PathLike, dtype: str | None) -> _Source:
+    """Reads config.json and every tensor header and checks them (no tensor data is read)."""
+    hf_dir = os.fspath(hf_dir)
+    located = find_safetensors(hf_dir)
+    config_path = os.path.join(hf_dir, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise ConversionError(f"{hf_dir}: no {CONFIG_FILE}")
+    headers = _read_headers(located)
+    dtype = dtype or _default_dtype(headers)
+    numpy_dtype(dtype)
+    config_path, raw = read_hf_config_json(config_path)
+    config = from_hf_config(raw, source=config_path, param_dtype=dtype)
+    problems = check_tensors(config, headers)
+    if problems:
+        raise ConversionError(
+            f"{hf_dir}: {len(problems)} tensor(s) do not match {config_path}:\n  " + "\n  ".join(problems)
+        )
+    return _Source(hf_dir, config, raw, located)
+
+
+def _check_tied_head(source: _Source, reader: _SafetensorsReader) -> None:
+    """A tied config with a stored lm_head.weight: it must equal the embedding
+    (compared block by block, in the output dtype)."""
+    config, located = source.config, source.located
+    if not config.tie_word_embeddings or "lm_head.weight" not in located:
+        return
+    out_dtype = numpy_dtype(config.param_dtype)
+    embed = "model.embed_tokens.weight"
+    rows = max(1, PIECE_BYTES // (config.hidden_size * out_dtype.itemsize))
+    for start in range(0, config.vocab_size, rows):
+        block = slice(start, min(start + rows, config.vocab_size))
+        head = reader.read(located["lm_head.weight"], "lm_head.weight", block).astype(out_dtype)
+        if not np.array_equal(head, reader.read(located[embed], embed, block).astype(out_dtype)):
+            raise ConversionError(
+                f"{source.hf_dir}: config ties the embeddings but lm_head.weight differs from "
+                f"{embed} (rows {block.start}-{block.stop - 1})"
+            )
+
+
+def _convert_pieces(
+    source: _Source, reader: _SafetensorsReader, write: Callable[[Piece, np.ndarray], None],
+) -> None:
+    """Reads every piece in file order and hands it, in the parameter's
+    layout and dtype, to `write(piece, value)`."""
+    out_dtype = numpy_dtype(source.config.param_dtype)
+    for path, pieces in source.pieces_by_file():
+        pieces.sort(key=lambda piece: (reader.offset(path, piece.name), piece.rows and piece.rows.start))
+        for piece in pieces:
+            value = piece.to_param(reader.read(path, piece.name, piece.rows))
+            write(piece, value.astype(out_dtype, copy=False))
+
+
 def hf_to_params(hf_dir: str | os.PathLike, dtype: str | None = None) -> tuple[ModelConfig, dict]:
-    """Reads a Hugging Face safetensors directory into sdar_jax params.
+    """Reads a Hugging Face safetensors directory into sdar_jax params in memory.
+
+    (`hf_to_jax` converts to a checkpoint without holding the params.)
 
     Args:
       hf_dir: a directory with `config.json` and `model.safetensors` or
@@ -401,45 +664,19 @@ def hf_to_params(hf_dir: str | os.PathLike, dtype: str | None = None) -> tuple[M
       ConversionError: listing every missing, unexpected, misshapen or
         wrongly typed tensor, or naming the unreadable input.
     """
-    hf_dir = os.fspath(hf_dir)
-    located = find_safetensors(hf_dir)
-    config_path = os.path.join(hf_dir, CONFIG_FILE)
-    if not os.path.isfile(config_path):
-        raise ConversionError(f"{hf_dir}: no {CONFIG_FILE}")
-    headers = _read_headers(located)
-    dtype = dtype or _default_dtype(headers)
-    out_dtype = numpy_dtype(dtype)
-    config = load_hf_config(config_path, param_dtype=dtype)
-    problems = check_tensors(config, headers)
-    if problems:
-        raise ConversionError(
-            f"{hf_dir}: {len(problems)} tensor(s) do not match {config_path}:\n  " + "\n  ".join(problems)
-        )
-
-    rules = tensor_rules(config)
+    source = _check_source(hf_dir, dtype)
+    config = source.config
+    out_dtype = numpy_dtype(config.param_dtype)
     params: dict = {}
-    targets: dict[str, tuple[np.ndarray, TensorRule, tuple[int, ...]]] = {}
-    for rule in rules:
-        array = np.empty(rule.full_shape(config), out_dtype)
-        _set_path(params, rule.path, array)
-        for name, index in rule.instances(config):
-            targets[name] = (array, rule, index)
-    by_file: dict[str, list[str]] = {}
-    for name in targets:
-        by_file.setdefault(located[name], []).append(name)
-    for path, names in sorted(by_file.items()):
-        with safe_open(path, framework="numpy") as f:
-            for name in names:
-                array, rule, index = targets[name]
-                array[index] = rule.to_param(f.get_tensor(name))
-    if config.tie_word_embeddings and "lm_head.weight" in located:
-        with safe_open(located["lm_head.weight"], framework="numpy") as f:
-            head = f.get_tensor("lm_head.weight").astype(out_dtype)
-        if not np.array_equal(head, params["embed_tokens"]["embedding"]):
-            raise ConversionError(
-                f"{hf_dir}: config ties the embeddings but lm_head.weight differs from "
-                "model.embed_tokens.weight"
-            )
+    for rule in tensor_rules(config):
+        _set_path(params, rule.path, np.empty(rule.full_shape(config), out_dtype))
+
+    def write(piece: Piece, value: np.ndarray) -> None:
+        _get_path(params, piece.rule.path)[piece.param_region()] = value
+
+    with _SafetensorsReader() as reader:
+        _check_tied_head(source, reader)
+        _convert_pieces(source, reader, write)
     return config, params
 
 
@@ -459,10 +696,35 @@ def _plan_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list
     return shards
 
 
+def _safetensors_header(names: Sequence[str], shapes: Mapping[str, tuple[int, ...]], dtype: np.dtype) -> bytes:
+    """The 8-byte length and the JSON header of a file holding `names` in
+    that order (padded with spaces to 8 bytes, as the safetensors library does)."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        size = math.prod(shapes[name]) * dtype.itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_CODES[dtype], "shape": list(shapes[name]),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def _row_blocks(value: np.ndarray | Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    if hasattr(value, "shape"):
+        yield np.asarray(value)
+    else:
+        for block in value:
+            yield np.asarray(block)
+
+
 def write_safetensors(
     out_dir: str,
     tensors: Sequence[tuple[str, tuple[int, ...]]],
-    produce: Callable[[str], np.ndarray],
+    produce: Callable[[str], np.ndarray | Iterable[np.ndarray]],
     dtype: str,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> None:
@@ -470,18 +732,22 @@ def write_safetensors(
 
     One `model.safetensors` when everything fits in `max_shard_bytes`, else
     `model-0000k-of-0000n.safetensors` shards plus `model.safetensors.index.json`.
-    Tensors are produced one at a time, in order; peak extra memory is one shard.
+    Each file's header is written first (every shape is known), then each
+    tensor is produced and appended in turn: peak extra memory is one
+    tensor, or one row block of it.
 
     Args:
       out_dir: the directory to write into.
       tensors: (name, shape) of every tensor, in file order.
-      produce: name -> the tensor's values (any float dtype, that shape).
+      produce: name -> the tensor's values (any float dtype, that shape), or
+        an iterable of consecutive row blocks [rows_i, *shape[1:]] whose rows
+        add up to shape[0].
       dtype: "float32" or "bfloat16", the dtype written.
       max_shard_bytes: the largest shard (a larger single tensor gets its own).
     """
     out_dtype = numpy_dtype(dtype)
-    shapes = dict(tensors)
-    sizes = [(name, math.prod(shape) * out_dtype.itemsize) for name, shape in tensors]
+    shapes = {name: tuple(int(n) for n in shape) for name, shape in tensors}
+    sizes = [(name, math.prod(shape) * out_dtype.itemsize) for name, shape in shapes.items()]
     shards = _plan_shards(sizes, max_shard_bytes)
     file_names = (
         [SAFETENSORS_SINGLE] if len(shards) == 1
@@ -489,47 +755,110 @@ def write_safetensors(
     )
     weight_map = {}
     for file_name, names in zip(file_names, shards):
-        arrays = {}
-        for name in names:
-            value = np.asarray(produce(name))
-            if tuple(value.shape) != tuple(shapes[name]):
-                raise ConversionError(f"tensor {name} has shape {list(value.shape)}, expected {list(shapes[name])}")
-            arrays[name] = np.ascontiguousarray(value.astype(out_dtype))
-            weight_map[name] = file_name
-        save_file(arrays, os.path.join(out_dir, file_name), metadata={"format": "pt"})
-        del arrays
+        with open(os.path.join(out_dir, file_name), "wb") as f:
+            f.write(_safetensors_header(names, shapes, out_dtype))
+            for name in names:
+                _append_tensor(f, name, shapes[name], produce(name), out_dtype)
+                weight_map[name] = file_name
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(s for _, s in sizes)}, "weight_map": weight_map}
         with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
 
 
+def _append_tensor(f: Any, name: str, shape: tuple[int, ...], value: Any, dtype: np.dtype) -> None:
+    """Writes `value` (an array, or row blocks) at the end of `f`, checking it is `shape`."""
+    rows = 0
+    for block in _row_blocks(value):
+        if rows == 0 and tuple(block.shape) == shape:
+            rows = shape[0] if shape else 1
+        elif (not shape or block.ndim != len(shape) or tuple(block.shape[1:]) != shape[1:]
+              or rows + block.shape[0] > shape[0]):
+            raise ConversionError(f"tensor {name} has shape {list(block.shape)}, expected {list(shape)}")
+        else:
+            rows += block.shape[0]
+        np.ascontiguousarray(block.astype(dtype, copy=False)).tofile(f)
+    if rows != (shape[0] if shape else 1):
+        raise ConversionError(f"tensor {name}: got {rows} rows, expected {shape[0]}")
+
+
+def _hf_pieces(config: ModelConfig, dtype: str) -> dict[str, list[Piece]]:
+    """Hugging Face tensor name -> its pieces, in file order."""
+    itemsize = numpy_dtype(dtype).itemsize
+    pieces: dict[str, list[Piece]] = {}
+    for rule in tensor_rules(config):
+        for piece in rule.pieces(config, itemsize):
+            pieces.setdefault(piece.name, []).append(piece)
+    return pieces
+
+
+def _write_hf_pieces(
+    out_dir: str, config: ModelConfig, read: Callable[[Piece], np.ndarray], dtype: str,
+    max_shard_bytes: int,
+) -> None:
+    """Writes the safetensors of `config`, each piece's values from `read`
+    (the parameter region `piece.param_region()`)."""
+    pieces = _hf_pieces(config, dtype)
+
+    def produce(name: str) -> Iterator[np.ndarray]:
+        for piece in pieces[name]:
+            yield piece.to_hf(read(piece))
+
+    tensors = [(name, group[0].rule.hf_shape) for name, group in pieces.items()]
+    write_safetensors(out_dir, tensors, produce, dtype, max_shard_bytes)
+
+
 def write_hf_weights(
     out_dir: str, config: ModelConfig, params: Mapping, dtype: str,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> None:
-    """Writes params as Hugging Face safetensors (see write_safetensors)."""
-    slices: dict[str, tuple[TensorRule, Any, tuple[int, ...]]] = {}
-    for rule in tensor_rules(config):
-        value = _get_path(params, rule.path)
-        if tuple(value.shape) != rule.full_shape(config):
-            raise ConversionError(
-                f"param {'/'.join(rule.path)} has shape {list(value.shape)}, "
-                f"expected {list(rule.full_shape(config))}"
-            )
-        for name, index in rule.instances(config):
-            slices[name] = (rule, value, index)
+    """Writes in-memory params as Hugging Face safetensors (see write_safetensors)."""
+    _check_param_shapes(config, params, "write_hf_weights")
 
-    def produce(name: str) -> np.ndarray:
-        rule, value, index = slices[name]
-        return rule.to_hf(np.asarray(value[index]))
+    def read(piece: Piece) -> np.ndarray:
+        return np.asarray(_get_path(params, piece.rule.path)[piece.param_region()])
 
-    tensors = [(name, rule.hf_shape) for name, (rule, _, _) in slices.items()]
-    write_safetensors(out_dir, tensors, produce, dtype, max_shard_bytes)
+    _write_hf_pieces(out_dir, config, read, dtype, max_shard_bytes)
 
 
 # ---------------------------------------------------------------------------
-# Atomic output directories
+# Output directories
+
+
+def _within(path: str, directory: str) -> bool:
+    return os.path.commonpath([path, directory]) == directory
+
+
+def check_output_dir(
+    target: str | os.PathLike, overwrite: bool = False, sources: Sequence[str | os.PathLike] = (),
+) -> str:
+    """Refuses an output directory before any work is done; returns its absolute path.
+
+    Refused: an existing target (unless `overwrite`) or one that is not a
+    directory, a missing or unwritable parent, and a target that is, or
+    holds, one of the `sources` (overwriting it would delete the input).
+    """
+    target = os.path.abspath(os.fspath(target))
+    real = os.path.realpath(target)
+    for src in sources:
+        src_real = os.path.realpath(os.fspath(src))
+        if _within(src_real, real):
+            raise ConversionError(
+                f"{target}: the output would replace the input {os.fspath(src)} (choose another output directory)"
+            )
+    if os.path.lexists(target):
+        if not overwrite:
+            raise ConversionError(f"{target}: already exists (choose a new output directory)")
+        if not os.path.isdir(target) or os.path.islink(target):
+            raise ConversionError(f"{target}: exists and is not a directory (refusing to replace it)")
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        raise ConversionError(f"{parent}: output's parent directory does not exist")
+    try:  # the real test: whatever makes a directory fail (permissions, read-only mount)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.probe-", dir=parent))
+    except OSError as e:
+        raise ConversionError(f"{parent}: cannot create the output there ({e.strerror or e})") from e
+    return target
 
 
 class AtomicDir:
@@ -537,21 +866,24 @@ class AtomicDir:
     `target` on success and removed on failure (no half-written outputs).
 
     `with AtomicDir(out) as tmp:` yields the temporary path to write into.
-    An existing `target` is refused unless `overwrite`.
+    The target is checked with `check_output_dir` (an existing one is refused
+    unless `overwrite`, as is one that is or holds one of `sources`).
     """
 
-    def __init__(self, target: str | os.PathLike, overwrite: bool = False):
+    def __init__(self, target: str | os.PathLike, overwrite: bool = False,
+                 sources: Sequence[str | os.PathLike] = ()):
         self.target = os.path.abspath(os.fspath(target))
         self.overwrite = overwrite
+        self.sources = tuple(sources)
         self.path = ""
 
     def __enter__(self) -> str:
-        if os.path.exists(self.target) and not self.overwrite:
-            raise ConversionError(f"{self.target}: already exists (choose a new output directory)")
+        check_output_dir(self.target, self.overwrite, self.sources)
         parent = os.path.dirname(self.target)
-        if not os.path.isdir(parent):
-            raise ConversionError(f"{parent}: output's parent directory does not exist")
-        self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.target)}.tmp-", dir=parent)
+        try:
+            self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.target)}.tmp-", dir=parent)
+        except OSError as e:
+            raise ConversionError(f"{parent}: cannot create the output there ({e.strerror or e})") from e
         return self.path
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -569,16 +901,30 @@ class AtomicDir:
             os.rename(self.path, self.target)
 
 
-def copy_aux_files(src_dir: str, dst_dir: str) -> None:
-    for name in AUX_FILES:
+def _remote_code_files(hf_config: Mapping[str, Any] | None) -> list[str]:
+    """The `.py` files a config's `auto_map` names (SDAR's modeling code)."""
+    files = []
+    for value in dict((hf_config or {}).get("auto_map") or {}).values():
+        for ref in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(ref, str) and "." in ref:
+                module = ref.split("--")[-1].rsplit(".", 1)[0]
+                files.append(module.replace(".", os.sep) + ".py")
+    return sorted(set(files))
+
+
+def copy_aux_files(src_dir: str, dst_dir: str, hf_config: Mapping[str, Any] | None = None) -> None:
+    """Copies the tokenizer / generation files (AUX_FILES) and the remote
+    code that `hf_config`'s auto_map names, those that exist."""
+    for name in AUX_FILES + tuple(_remote_code_files(hf_config)):
         src = os.path.join(src_dir, name)
         if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dst_dir, name)), exist_ok=True)
             shutil.copyfile(src, os.path.join(dst_dir, name))
 
 
-def _write_config(out_dir: str, config: ModelConfig) -> None:
+def _write_config(out_dir: str, config: ModelConfig, base: Mapping[str, Any] | None = None) -> None:
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        json.dump(to_hf_config(config), f, indent=2, sort_keys=True)
+        json.dump(to_hf_config(config, base), f, indent=2, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------
@@ -612,8 +958,6 @@ def _check_param_shapes(config: ModelConfig, params_or_shapes: Mapping, source: 
     ]
     if problems:
         raise ConversionError(f"{source}: params do not match the config:\n  " + "\n  ".join(problems))
-
-
 def save_params_checkpoint(
     out_dir: str | os.PathLike, config: ModelConfig, params: Mapping, *, overwrite: bool = False,
     aux_dir: str | os.PathLike | None = None,
@@ -678,10 +1022,128 @@ def _save_params_multihost(
     multihost_utils.sync_global_devices(f"save_params_checkpoint {target}: renamed")
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _StoredParams:
+    """A params checkpoint's config and the orbax metadata of its params."""
+
+    ckpt_dir: str
+    params_dir: str
+    config: ModelConfig  # param_dtype set to the stored dtype
+    hf_config: dict[str, Any]  # config.json as stored
+    tree: Mapping  # leaves with .shape and .dtype
+    use_ocdbt: bool
+    use_zarr3: bool
+
+
+def _read_stored_params(ckpt_dir: str | os.PathLike) -> _StoredParams:
+    """Checks a params checkpoint is complete and matches its config.json
+    (metadata only; no array data is read)."""
+    ckpt_dir = os.fspath(ckpt_dir)
+    params_dir = os.path.join(os.path.abspath(ckpt_dir), PARAMS_SUBDIR)
+    if not os.path.isdir(params_dir):
+        raise ConversionError(f"{ckpt_dir}: not a params checkpoint (no {PARAMS_SUBDIR}/ directory)")
+    config_path, hf_config = read_hf_config_json(ckpt_dir)
+    config = from_hf_config(hf_config, source=config_path)
+    metadata_file = os.path.join(params_dir, _ORBAX_TREE_METADATA)
+    if not os.path.isfile(metadata_file):
+        raise ConversionError(
+            f"{ckpt_dir}: incomplete params checkpoint: {PARAMS_SUBDIR}/{_ORBAX_TREE_METADATA} is "
+            "missing (was the save interrupted?)"
+        )
+    try:
+        with open(metadata_file) as f:
+            tree_format = json.load(f)
+        with ocp.StandardCheckpointer() as ckptr:
+            metadata = ckptr.metadata(params_dir)
+    except Exception as e:  # orbax raises many kinds; all mean the same here
+        raise ConversionError(
+            f"{ckpt_dir}: unreadable params checkpoint ({_first_line(e)})"
+        ) from e
+    # orbax >= 0.11 wraps the tree in StepMetadata.item_metadata; older returns it directly.
+    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+    if not isinstance(tree, Mapping) or not isinstance(tree_format, Mapping):
+        raise ConversionError(
+            f"{ckpt_dir}: incomplete params checkpoint: {PARAMS_SUBDIR}/ holds no param tree"
+        )
+    _check_param_shapes(config, tree, ckpt_dir)
+    return _StoredParams(
+        ckpt_dir, params_dir, config.replace(param_dtype=_params_dtype(tree)), hf_config, tree,
+        use_ocdbt=bool(tree_format.get("use_ocdbt", os.path.isfile(os.path.join(params_dir, "manifest.ocdbt")))),
+        use_zarr3=bool(tree_format.get("use_zarr3", False)),
+    )
+
+
+def _open_param_stores(stored: _StoredParams) -> dict[tuple[str, ...], Any]:
+    """Every parameter of a params checkpoint as a tensorstore opened for
+    reading regions (either layout: OCDBT or one zarr array per parameter)."""
+    context = type_handlers.get_ts_context(use_ocdbt=stored.use_ocdbt)
+    stores = {}
+    for rule in tensor_rules(stored.config):
+        info = type_handlers.ParamInfo(
+            name=".".join(rule.path), parent_dir=epath.Path(stored.params_dir),
+            use_zarr3=stored.use_zarr3, ts_context=context,
+        )
+        spec = type_handlers.get_json_tspec_read(info, use_ocdbt=stored.use_ocdbt)
+        try:
+            stores[rule.path] = ts.open(spec, open=True, read=True, context=context).result()
+        except ValueError as e:
+            raise ConversionError(
+                f"{stored.ckpt_dir}: incomplete params checkpoint: cannot open param "
+                f"{'/'.join(rule.path)} ({_first_line(e)})"
+            ) from e
+    return stores
+
+
+def _create_param_stores(params_dir: str, config: ModelConfig) -> dict[tuple[str, ...], Any]:
+    """An orbax params checkpoint at `params_dir` whose arrays are empty
+    tensorstores, one zarr array per parameter, chunked as `TensorRule.chunk_shape`.
+
+    orbax itself writes the tree metadata (from placeholder leaves, one
+    element each; it stores no shapes there), then each placeholder array is
+    replaced by the full-size one; every chunk must then be written.
+    """
+    dtype = numpy_dtype(config.param_dtype)
+    rules = tensor_rules(config)
+    placeholders: dict = {}
+    for rule in rules:
+        _set_path(placeholders, rule.path, np.zeros((1,) * len(rule.full_shape(config)), dtype))
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns that there is no OCDBT to merge: none is wanted
+    try:
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False)) as ckptr:
+            ckptr.save(params_dir, args=ocp.args.StandardSave(placeholders))
+    finally:
+        absl_logger.setLevel(level)
+    context = type_handlers.get_ts_context(use_ocdbt=False)
+    stores = {}
+    for rule in rules:
+        spec = {
+            "driver": "zarr",
+            "kvstore": {"driver": "file", "path": os.path.join(params_dir, ".".join(rule.path))},
+            "dtype": dtype.name,
+            "metadata": {
+                "shape": list(rule.full_shape(config)),
+                "chunks": list(rule.chunk_shape(config, dtype.itemsize)),
+                "compressor": {"id": "zstd", "level": 1},  # what orbax writes
+                "dimension_separator": ".",
+            },
+            # orbax reads with fill_missing_data_reads=False: an all-zero chunk must exist too.
+            "store_data_equal_to_fill_value": True,
+        }
+        stores[rule.path] = ts.open(spec, create=True, delete_existing=True, context=context).result()
+    return stores
+
+
 def load_params_checkpoint(
     ckpt_dir: str | os.PathLike, dtype: str | None = None, shardings: Any = None,
 ) -> tuple[ModelConfig, dict]:
-    """Reads a params checkpoint written by `save_params_checkpoint`.
+    """Reads a params checkpoint (`save_params_checkpoint` or `hf_to_jax`).
 
     Args:
       ckpt_dir: the checkpoint directory.
@@ -694,34 +1156,35 @@ def load_params_checkpoint(
 
     Returns:
       (config with param_dtype set to the restored dtype, params of jax arrays).
+
+    Raises:
+      ConversionError: not a params checkpoint, an incomplete or unreadable
+        one (naming the directory), or params that do not match config.json.
     """
-    ckpt_dir = os.fspath(ckpt_dir)
-    params_dir = os.path.join(os.path.abspath(ckpt_dir), PARAMS_SUBDIR)
-    if not os.path.isdir(params_dir):
-        raise ConversionError(f"{ckpt_dir}: not a params checkpoint (no {PARAMS_SUBDIR}/ directory)")
-    config = load_hf_config(ckpt_dir)
-    with ocp.StandardCheckpointer() as ckptr:
-        metadata = ckptr.metadata(params_dir)
-        # orbax >= 0.11 wraps the tree in StepMetadata.item_metadata; older returns it directly.
-        stored = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
-        _check_param_shapes(config, stored, ckpt_dir)
-        stored_dtype = _params_dtype(stored)
-        dtype = dtype or stored_dtype
-        target_dtype = numpy_dtype(dtype)
-        if shardings is None:
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            shardings = jax.tree.map(lambda _: device, stored)
-        elif jax.tree.structure(shardings) != jax.tree.structure(stored):
-            raise ConversionError(
-                f"{ckpt_dir}: shardings tree {jax.tree.structure(shardings)} does not match the "
-                f"stored params {jax.tree.structure(stored)}"
-            )
-        target = jax.tree.map(
-            lambda meta, sharding: jax.ShapeDtypeStruct(meta.shape, target_dtype, sharding=sharding),
-            stored, shardings,
+    stored = _read_stored_params(ckpt_dir)
+    ckpt_dir = stored.ckpt_dir
+    dtype = dtype or stored.config.param_dtype
+    target_dtype = numpy_dtype(dtype)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, stored.tree)
+    elif jax.tree.structure(shardings) != jax.tree.structure(stored.tree):
+        raise ConversionError(
+            f"{ckpt_dir}: shardings tree {jax.tree.structure(shardings)} does not match the "
+            f"stored params {jax.tree.structure(stored.tree)}"
         )
-        params = ckptr.restore(params_dir, target)
-    return config.replace(param_dtype=dtype), params
+    target = jax.tree.map(
+        lambda meta, sharding: jax.ShapeDtypeStruct(meta.shape, target_dtype, sharding=sharding),
+        stored.tree, shardings,
+    )
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(stored.params_dir, target)
+    except Exception as e:  # a missing or damaged array file: orbax and tensorstore raise many kinds
+        raise ConversionError(
+            f"{ckpt_dir}: incomplete or damaged params checkpoint ({_first_line(e)})"
+        ) from e
+    return stored.config.replace(param_dtype=dtype), params
 
 
 # ---------------------------------------------------------------------------
@@ -732,21 +1195,71 @@ def hf_to_jax(
     hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None, *,
     overwrite: bool = False,
 ) -> ModelConfig:
-    """Hugging Face safetensors directory -> params checkpoint (see module doc).
+    """Hugging Face safetensors directory -> params checkpoint, piece by piece.
 
-    Tokenizer files of `hf_dir` are copied into the checkpoint. Returns the config.
+    The output directory is checked first, then config.json and every
+    tensor header (and a tied lm_head's values); only then is anything
+    written. Each piece (one layer's or expert's tensor, or a block of the
+    embedding / head) goes into its chunk of the stored stacked parameter as
+    it is read: neither a stacked array nor the model is ever held.
+    Tokenizer files of `hf_dir` (and remote code its auto_map names) are
+    copied into the checkpoint; config.json keeps the source's other keys.
+    Returns the config.
     """
-    config, params = hf_to_params(hf_dir, dtype)
-    save_params_checkpoint(out_dir, config, params, overwrite=overwrite, aux_dir=hf_dir)
-    return config
+    hf_dir = os.fspath(hf_dir)
+    check_output_dir(out_dir, overwrite, sources=(hf_dir,))
+    source = _check_source(hf_dir, dtype)
+    with _SafetensorsReader() as reader:
+        _check_tied_head(source, reader)
+        with AtomicDir(out_dir, overwrite, sources=(hf_dir,)) as tmp:
+            _write_config(tmp, source.config, base=source.hf_config)
+            stores = _create_param_stores(os.path.join(tmp, PARAMS_SUBDIR), source.config)
+            pending: collections.deque = collections.deque()
+            freed = _FreedMemory()
+
+            def finish_one() -> None:
+                piece, nbytes, future = pending.popleft()
+                try:
+                    future.result()
+                except ValueError as e:  # tensorstore reports I/O errors (disk full, ...) as ValueError
+                    raise ConversionError(f"{out_dir}: writing {piece.name} failed ({_first_line(e)})") from e
+                freed.add(nbytes)
+
+            def write(piece: Piece, value: np.ndarray) -> None:
+                store = stores[piece.rule.path]
+                region = piece.param_region()
+                pending.append((piece, value.nbytes, (store[region] if region else store).write(value)))
+                while len(pending) > _WRITES_IN_FLIGHT:
+                    finish_one()
+
+            _convert_pieces(source, reader, write)
+            while pending:
+                finish_one()
+            copy_aux_files(hf_dir, tmp, source.hf_config)
+    return source.config
+
+
+def _shifted_warning(config: ModelConfig) -> str:
+    return (
+        f"the model reads the token at position j from the output at j - 1 (logits_convention="
+        f"{config.logits_convention!r}, written to config.json); the SDAR release's modeling code "
+        "and engines that follow it read it from the output at j and cannot decode this model"
+    )
 
 
 def jax_to_hf(
     ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None, *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
 ) -> ModelConfig:
-    """Params checkpoint -> Hugging Face directory (safetensors + config.json)
-    that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+    """Params checkpoint -> Hugging Face directory (safetensors + config.json),
+    reading the params region by region and writing each shard as it goes.
+
+    config.json keeps the checkpoint's model_type and architectures (SDAR
+    stays `sdar` / `SDARForCausalLM`; transformers loads it with the
+    release's remote code, copied along when the source had it; Qwen3 and
+    Llama load with transformers' own classes) and its other keys. A model
+    with `logits_convention="shifted"` is exported with that key and an
+    `ExportWarning`: the release's code cannot decode it.
 
     Args:
       ckpt_dir: a params checkpoint.
@@ -758,11 +1271,32 @@ def jax_to_hf(
     Returns:
       The config written.
     """
-    config, params = load_params_checkpoint(ckpt_dir)
-    dtype = dtype or config.param_dtype
-    config = config.replace(param_dtype=dtype)
-    with AtomicDir(out_dir, overwrite) as tmp:
-        write_hf_weights(tmp, config, params, dtype, max_shard_bytes)
-        _write_config(tmp, config)
-        copy_aux_files(os.fspath(ckpt_dir), tmp)
+    ckpt_dir = os.fspath(ckpt_dir)
+    check_output_dir(out_dir, overwrite, sources=(ckpt_dir,))
+    stored = _read_stored_params(ckpt_dir)
+    dtype = dtype or stored.config.param_dtype
+    numpy_dtype(dtype)
+    config = stored.config.replace(param_dtype=dtype)
+    stores = _open_param_stores(stored)
+    freed = _FreedMemory()
+
+    def read(piece: Piece) -> np.ndarray:
+        store = stores[piece.rule.path]
+        region = piece.param_region()
+        try:
+            value = (store[region] if region else store).read().result()
+            freed.add(value.nbytes)
+            return value
+        except ValueError as e:
+            raise ConversionError(
+                f"{ckpt_dir}: incomplete or damaged params checkpoint: cannot read "
+                f"{'/'.join(piece.rule.path)}{list(piece.index) or ''} ({_first_line(e)})"
+            ) from e
+
+    if config.logits_convention == "shifted":
+        warnings.warn(_shifted_warning(config), ExportWarning, stacklevel=2)
+    with AtomicDir(out_dir, overwrite, sources=(ckpt_dir,)) as tmp:
+        _write_hf_pieces(tmp, config, read, dtype, max_shard_bytes)
+        _write_config(tmp, config, base=stored.hf_config)
+        copy_aux_files(ckpt_dir, tmp, stored.hf_config)
     return config

@@ -280,6 +280,7 @@ def gguf_to_hf(
     gguf_path = os.fspath(gguf_path)
     if not os.path.isfile(gguf_path):
         raise GGUFError(f"{gguf_path}: no such GGUF file")
+    convert.check_output_dir(out_dir, overwrite, sources=(gguf_path,))
     try:
         reader = gguf.GGUFReader(gguf_path)
     except (ValueError, OSError) as e:
@@ -296,7 +297,7 @@ def gguf_to_hf(
     generation_config = {
         key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if config[key] is not None
     }
-    with convert.AtomicDir(out_dir, overwrite) as tmp:
+    with convert.AtomicDir(out_dir, overwrite, sources=(gguf_path,)) as tmp:
         convert.write_safetensors(
             tmp, shapes, lambda name: dequantize(by_name[name], config), dtype, max_shard_bytes
         )

@@ -1,47 +1,57 @@
-"""Device mesh, logical-axis rules and the shardings derived from them.
+"""Device mesh, logical-axis rules and the one sharding context a run uses.
 
 Every parameter of the model carries logical axis names (`layers`, `vocab`,
-`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`, `expert`; see
-`sdar_jax.model.transformer.param_logical_axes`). Activations, batches and the
-KV cache use `batch` and `length` as well. A `ParallelConfig` holds the mesh
-shape over the four mesh axes (`data`, `fsdp`, `tensor`, `expert`) and the
-rules mapping each logical name to mesh axes, so a new parallelism layout is a
-config change. From them this module derives `NamedSharding`s for parameters,
-the whole train state (optimizer moments included), batches and the KV cache;
-`jax.jit(..., in_shardings=..., out_shardings=...)` and GSPMD do the rest.
+`embed`, `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`, `expert`); batches,
+activations and the KV cache use `batch` and `length` as well. A
+`ParallelConfig` holds the mesh shape over the four mesh axes (`data`, `fsdp`,
+`tensor`, `expert`) and the rules mapping each logical name to mesh axes.
+
+A `ShardingContext` is the mesh plus the rules, built once from the run's
+config and active for the whole run (`with context.activate(): ...`). Every
+consumer reads it:
+
+  * parameters, optimizer state, batches and the KV cache:
+    `context.tree_shardings`, `context.state_shardings`,
+    `context.batch_shardings`, `context.cache_shardings` (trees of logical
+    axes in, NamedShardings out; this module knows nothing of the model);
+  * inside jitted code, through `current_context()`: the model's
+    layer-boundary constraint (`constrain`), the decoder's cache
+    (`constrain_cache`), the Pallas kernels' shard_map specs
+    (`ShardingContext.attention_specs`) and expert parallelism
+    (`ShardingContext.moe_axes`).
+
+`activate` sets the mesh with `jax.set_mesh` and the rules in a
+`contextvars.ContextVar`, reset when the block ends (no module state outlives
+it). Code that only sets a mesh with `jax.set_mesh` gets the default rules. A
+jitted function is traced under the context of its first call for a given
+mesh and input shardings: build jitted functions inside the context they run
+under (the trainer and `sdar_jax.sharded_restore.setup_inference` do).
 
 Resolving a logical name for one dimension of one array:
-  * the rule's mesh axes are taken in order, skipping axes of size 1 and any
-    already used by an earlier dimension of the same array (a mesh axis
-    shards at most one dimension);
+  * the rule's mesh axes are taken in order, skipping axes of size 1 (or
+    absent from the mesh) and any already used by an earlier dimension of the
+    same array (a mesh axis shards at most one dimension);
   * the longest prefix of those axes whose size product divides the dimension
     is used; the remaining axes are dropped, i.e. that dimension is replicated
     over them (logged as a warning). Batches are the exception: a global batch
     that the batch axes do not divide raises an error, because every process
     must own a whole number of rows.
 The resolver is this module's own rather than `flax.linen.logical_to_mesh_sharding`
-because the fallback needs each array's shape. The model itself adds no
-activation sharding constraints: GSPMD propagates the batch and parameter
-shardings through it (the sharded-equals-unsharded tests check the result).
-See docs/parallelism.md for the default layout and a picture.
+because the fallback needs each array's shape. See docs/parallelism.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
-
-from sdar_jax.config import ModelConfig
-
-if TYPE_CHECKING:
-    from sdar_jax.model.transformer import KVCache
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +120,10 @@ def _normalize_rules(rules: Any) -> Rules:
     return tuple(out)
 
 
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     """Mesh shape and logical-axis rules.
@@ -162,6 +176,42 @@ class ParallelConfig:
         return cls(**values)
 
 
+def parse_mesh_spec(text: str, logical_rules: Rules | None = None) -> ParallelConfig:
+    """A `--mesh` flag value, e.g. "fsdp=4,tensor=2" or "data=-1,tensor=2", as a ParallelConfig.
+
+    Axis names are those of the train config's `mesh` section (MESH_AXES).
+    Axes not named have size 1, except `data`, which takes the devices left
+    over (-1) unless another axis is -1, as in the train config.
+
+    Raises:
+      ParallelConfigError: a one-line message naming the bad item.
+    """
+    where = f"--mesh {text!r}"
+    sizes: dict[str, int] = {}
+    for item in text.split(","):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not name or not value:
+            raise ParallelConfigError(f"{where}: {item.strip()!r} is not axis=size (axes: {', '.join(MESH_AXES)})")
+        if name not in MESH_AXES:
+            raise ParallelConfigError(f"{where}: unknown mesh axis {name!r}; expected one of {', '.join(MESH_AXES)}")
+        if name in sizes:
+            raise ParallelConfigError(f"{where}: axis {name!r} is given twice")
+        try:
+            size = int(value)
+        except ValueError:
+            raise ParallelConfigError(f"{where}: size {value!r} of {name!r} is not an integer") from None
+        if size < 1 and size != -1:
+            raise ParallelConfigError(f"{where}: size of {name!r} must be a positive integer or -1, got {size}")
+        sizes[name] = size
+    if sum(size == -1 for size in sizes.values()) > 1:
+        raise ParallelConfigError(f"{where}: at most one axis may be -1")
+    full = {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+    if "data" not in sizes and -1 not in sizes.values():
+        full["data"] = -1
+    rules = DEFAULT_LOGICAL_AXIS_RULES if logical_rules is None else logical_rules
+    return ParallelConfig(**full, logical_rules=rules)
+
+
 # ---------------------------------------------------------------------------
 # Mesh
 
@@ -200,6 +250,11 @@ def make_mesh(config: ParallelConfig, devices: Sequence[jax.Device] | None = Non
     )
 
 
+def describe_mesh(mesh_shape: Mapping[str, int]) -> str:
+    """"data=2,fsdp=2,tensor=2,expert=1" (the `--mesh` syntax)."""
+    return ",".join(f"{axis}={mesh_shape.get(axis, 1)}" for axis in MESH_AXES)
+
+
 # ---------------------------------------------------------------------------
 # Logical names -> PartitionSpec
 
@@ -219,7 +274,7 @@ def logical_to_mesh_spec(
       logical_axes: one logical name (or None = replicated) per dimension.
       shape: the array's shape.
       rules: logical name -> mesh axes (a name, a tuple of names, or None).
-      mesh_shape: mesh axis name -> size.
+      mesh_shape: mesh axis name -> size (an axis it lacks counts as size 1).
       where: the array's name, for messages.
       strict: raise instead of replicating a dimension the mesh axes do not divide.
 
@@ -241,10 +296,8 @@ def logical_to_mesh_spec(
                 f"{where}: logical axis {name!r} has no rule in logical_rules "
                 f"(rules exist for {sorted(rules)})"
             )
-        wanted = rules[name]
-        wanted = () if wanted is None else ((wanted,) if isinstance(wanted, str) else wanted)
         # Axes of size 1 shard nothing; leaving them out keeps specs readable.
-        free = [axis for axis in wanted if axis not in used and mesh_shape[axis] > 1]
+        free = [axis for axis in _as_tuple(rules[name]) if axis not in used and mesh_shape.get(axis, 1) > 1]
         chosen: list[str] = []
         for axis in free:
             if size % (math.prod(mesh_shape[a] for a in chosen) * mesh_shape[axis]):
@@ -264,10 +317,6 @@ def logical_to_mesh_spec(
     return PartitionSpec(*entries)
 
 
-def _mesh_shape(mesh: Mesh) -> dict[str, int]:
-    return dict(mesh.shape)
-
-
 def _key_name(key: Any) -> Any:
     """The plain value of a pytree key (DictKey.key, GetAttrKey.name, SequenceKey.idx)."""
     for attr in ("key", "name", "idx"):
@@ -280,163 +329,247 @@ def _path_str(path: tuple) -> str:
     return "/".join(str(_key_name(k)) for k in path)
 
 
-def param_shapes(model_config: ModelConfig) -> dict:
-    """ShapeDtypeStructs of every parameter, a tree like `init_params`."""
-    from sdar_jax.model import transformer  # the model imports this module
-
-    return nn.unbox(transformer.abstract_params(model_config))
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, PartitionSpec)
 
 
-def param_specs(model_config: ModelConfig, parallel_config: ParallelConfig, mesh: Mesh) -> dict:
-    """PartitionSpecs (over mesh axes) for every parameter, a tree like `init_params`."""
-    from sdar_jax.model import transformer  # the model imports this module
+class MoeAxes(NamedTuple):
+    """Mesh axes of expert parallelism (each a tuple of mesh axes of size > 1).
 
-    logical = transformer.param_logical_axes(model_config)
-    shapes = param_shapes(model_config)
-    rules, mesh_shape = parallel_config.rules, _mesh_shape(mesh)
-
-    def one(path: tuple, spec: PartitionSpec, shape: jax.ShapeDtypeStruct) -> PartitionSpec:
-        where = f"param {_path_str(path)}"
-        if len(spec) == 0 and shape.ndim:
-            raise ParallelConfigError(
-                f"{where} {shape.shape} has no logical axis names; declare them with "
-                "nn.with_logical_partitioning in its initializer"
-            )
-        return logical_to_mesh_spec(tuple(spec), shape.shape, rules, mesh_shape, where=where)
-
-    return jax.tree_util.tree_map_with_path(
-        one, logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec)
-    )
-
-
-def param_shardings(model_config: ModelConfig, parallel_config: ParallelConfig, mesh: Mesh) -> dict:
-    """NamedShardings for every parameter, a tree like `init_params`."""
-    return jax.tree.map(
-        lambda spec: NamedSharding(mesh, spec), param_specs(model_config, parallel_config, mesh),
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    """A sharding that keeps a full copy on every device (scalars, metrics, keys)."""
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def state_shardings(
-    abstract_state: Any, model_config: ModelConfig, parallel_config: ParallelConfig, mesh: Mesh
-) -> Any:
-    """NamedShardings for any pytree holding parameter-shaped leaves (a train state).
-
-    A leaf whose key path ends with a parameter's path (e.g.
-    `opt_state[0].mu/layers/mlp/up_proj/kernel` ends with
-    `layers/mlp/up_proj/kernel`) and has that parameter's shape gets the
-    parameter's sharding: the params themselves, optimizer moments, EMA copies.
-    Every other leaf (step counters, PRNG keys, scalars, factored statistics)
-    is replicated.
-
-    Args:
-      abstract_state: the state, as arrays or ShapeDtypeStructs (`jax.eval_shape`).
-
-    Returns:
-      A pytree of NamedSharding with the structure of abstract_state.
+    tokens: split the routed tokens (never one of `mlp`'s axes);
+    experts: split the experts, the all-to-all axes;
+    mlp: split each expert's intermediate dimension (results psum'd over them).
     """
-    specs = param_specs(model_config, parallel_config, mesh)
-    shapes = param_shapes(model_config)
-    by_path: dict[tuple, tuple[tuple[int, ...], PartitionSpec]] = {}
-    flat_specs = jax.tree_util.tree_flatten_with_path(
-        specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
-    )[0]
-    for (path, spec), shape in zip(flat_specs, jax.tree.leaves(shapes)):
-        by_path[tuple(_key_name(k) for k in path)] = (tuple(shape.shape), spec)
-    max_depth = max(len(p) for p in by_path)
 
-    def leaf_sharding(path: tuple, leaf: Any) -> NamedSharding:
-        names = tuple(_key_name(k) for k in path)
-        shape = tuple(getattr(leaf, "shape", ()))
-        for depth in range(min(max_depth, len(names)), 0, -1):
-            match = by_path.get(names[-depth:])
-            if match is not None and match[0] == shape:
-                return NamedSharding(mesh, match[1])
-        return replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
+    tokens: tuple[str, ...]
+    experts: tuple[str, ...]
+    mlp: tuple[str, ...]
 
 
-# ---------------------------------------------------------------------------
-# Batches and the KV cache
+_ACTIVE: contextvars.ContextVar["ShardingContext | None"] = contextvars.ContextVar(
+    "sdar_jax_sharding_context", default=None
+)
 
 
-def batch_spec(
-    parallel_config: ParallelConfig, mesh: Mesh, shape: Sequence[int], *, where: str = "batch",
-    strict: bool = True,
-) -> PartitionSpec:
-    """PartitionSpec of a [batch, ...] array: the leading axis over the `batch` rule."""
-    logical = ("batch",) + (None,) * (len(shape) - 1)
-    return logical_to_mesh_spec(
-        logical, shape, parallel_config.rules, _mesh_shape(mesh), where=where, strict=strict
-    )
+@dataclasses.dataclass(frozen=True)
+class ShardingContext:
+    """The run's mesh and logical-axis rules: every sharding is derived from these two.
 
-
-def batch_shardings(
-    batch: Any, parallel_config: ParallelConfig, mesh: Mesh, *, strict: bool = True
-) -> Any:
-    """NamedShardings for a pytree of [batch, ...] arrays (e.g. the training batch dict).
-
-    Args:
-      batch: arrays or ShapeDtypeStructs with the global batch size leading.
-      strict: raise (default) when the batch axes do not divide the batch size.
+    mesh: a Mesh (or an AbstractMesh inside traced code / for shapes only)
+      with axes among MESH_AXES.
+    logical_rules: (logical name, mesh axes) pairs.
     """
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(
-            mesh, batch_spec(parallel_config, mesh, x.shape, where=f"batch {_path_str(path)}", strict=strict)
-        ),
-        batch,
-    )
+
+    mesh: Mesh | AbstractMesh
+    logical_rules: Rules = DEFAULT_LOGICAL_AXIS_RULES
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "logical_rules", _normalize_rules(self.logical_rules))
+
+    @classmethod
+    def from_config(
+        cls, config: ParallelConfig, devices: Sequence[jax.Device] | None = None
+    ) -> "ShardingContext":
+        """The context of a run: `make_mesh(config, devices)` and the config's rules."""
+        return cls(make_mesh(config, devices), config.logical_rules)
+
+    @property
+    def rules(self) -> dict[str, MeshAxes]:
+        return dict(self.logical_rules)
+
+    @property
+    def mesh_shape(self) -> dict[str, int]:
+        """Size of every axis of MESH_AXES (1 for an axis the mesh lacks)."""
+        shape = dict(self.mesh.shape)
+        return {axis: shape.get(axis, 1) for axis in MESH_AXES}
+
+    def describe(self) -> str:
+        return describe_mesh(self.mesh_shape)
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator["ShardingContext"]:
+        """Makes this the context of everything traced inside the block (and sets its mesh)."""
+        token = _ACTIVE.set(self)
+        try:
+            if isinstance(self.mesh, Mesh):
+                with jax.set_mesh(self.mesh):
+                    yield self
+            else:
+                with jax.sharding.use_abstract_mesh(self.mesh):
+                    yield self
+        finally:
+            _ACTIVE.reset(token)
+
+    # -- one array ---------------------------------------------------------
+
+    def spec(
+        self, logical_axes: Sequence[str | None], shape: Sequence[int], *, where: str = "array",
+        strict: bool = False,
+    ) -> PartitionSpec:
+        """`logical_to_mesh_spec` under this context's rules and mesh."""
+        return logical_to_mesh_spec(
+            logical_axes, shape, self.rules, self.mesh_shape, where=where, strict=strict
+        )
+
+    def named(self, spec: PartitionSpec) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    def replicated(self) -> NamedSharding:
+        """A full copy on every device (scalars, metrics, keys)."""
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    # -- trees -------------------------------------------------------------
+
+    def tree_specs(self, logical_axes: Any, shapes: Any, *, where: str = "param") -> Any:
+        """PartitionSpecs for a tree of arrays from a matching tree of logical axes.
+
+        Args:
+          logical_axes: a pytree whose leaves are PartitionSpecs of logical
+            names, one per dimension (e.g. `nn.get_partition_spec` of
+            the boxed params).
+          shapes: the matching pytree of arrays or ShapeDtypeStructs.
+          where: a prefix for messages.
+
+        Returns:
+          A pytree of PartitionSpec with the structure of `logical_axes`.
+        """
+
+        def one(path: tuple, names: Any, shape: Any) -> PartitionSpec:
+            name = f"{where} {_path_str(path)}"
+            if len(names) == 0 and len(shape.shape):
+                raise ParallelConfigError(
+                    f"{name} {tuple(shape.shape)} has no logical axis names; declare them with "
+                    "nn.with_logical_partitioning in its initializer"
+                )
+            return self.spec(tuple(names), shape.shape, where=name)
+
+        return jax.tree_util.tree_map_with_path(one, logical_axes, shapes, is_leaf=_is_spec)
+
+    def tree_shardings(self, logical_axes: Any, shapes: Any, *, where: str = "param") -> Any:
+        """NamedShardings for a tree of arrays (see `tree_specs`)."""
+        return jax.tree.map(self.named, self.tree_specs(logical_axes, shapes, where=where), is_leaf=_is_spec)
+
+    def state_shardings(self, abstract_state: Any, logical_axes: Any, shapes: Any) -> Any:
+        """NamedShardings for any pytree holding parameter-shaped leaves (a train state).
+
+        A leaf whose key path ends with a parameter's path (e.g.
+        `opt_state[0].mu/layers/mlp/up_proj/kernel` ends with
+        `layers/mlp/up_proj/kernel`) and has that parameter's shape gets the
+        parameter's sharding: the params themselves, optimizer moments, EMA
+        copies. Every other leaf (step counters, PRNG keys, scalars, factored
+        statistics) is replicated.
+
+        Args:
+          abstract_state: the state, as arrays or ShapeDtypeStructs (`jax.eval_shape`).
+          logical_axes, shapes: the parameters' logical axes and shapes (see `tree_specs`).
+
+        Returns:
+          A pytree of NamedSharding with the structure of abstract_state.
+        """
+        specs = self.tree_specs(logical_axes, shapes)
+        by_path: dict[tuple, tuple[tuple[int, ...], PartitionSpec]] = {}
+        flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)[0]
+        for (path, spec), shape in zip(flat_specs, jax.tree.leaves(shapes)):
+            by_path[tuple(_key_name(k) for k in path)] = (tuple(shape.shape), spec)
+        max_depth = max(len(p) for p in by_path)
+
+        def leaf_sharding(path: tuple, leaf: Any) -> NamedSharding:
+            names = tuple(_key_name(k) for k in path)
+            shape = tuple(getattr(leaf, "shape", ()))
+            for depth in range(min(max_depth, len(names)), 0, -1):
+                match = by_path.get(names[-depth:])
+                if match is not None and match[0] == shape:
+                    return self.named(match[1])
+            return self.replicated()
+
+        return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
+
+    def batch_spec(self, shape: Sequence[int], *, where: str = "batch", strict: bool = True) -> PartitionSpec:
+        """PartitionSpec of a [batch, ...] array: the leading axis over the `batch` rule."""
+        return self.spec(("batch",) + (None,) * (len(shape) - 1), shape, where=where, strict=strict)
+
+    def batch_shardings(self, batch: Any, *, strict: bool = True) -> Any:
+        """NamedShardings for a pytree of [batch, ...] arrays (e.g. the training batch dict).
+
+        Args:
+          batch: arrays or ShapeDtypeStructs with the global batch size leading.
+          strict: raise (default) when the batch axes do not divide the batch size.
+        """
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: self.named(
+                self.batch_spec(x.shape, where=f"batch {_path_str(path)}", strict=strict)
+            ),
+            batch,
+        )
+
+    def cache_shardings(self, cache: Any) -> Any:
+        """NamedShardings for a KV cache (`k`, `v`: [layers, batch, max_len, kv_heads, head_dim];
+        any struct with those fields and `replace`). The batch is sharded where the
+        batch axes divide it (decoding often uses one row), kv heads per the rules."""
+        def one(x: Any, name: str) -> NamedSharding:
+            return self.named(self.spec(CACHE_LOGICAL_AXES, x.shape, where=f"cache.{name}"))
+
+        return cache.replace(k=one(cache.k, "k"), v=one(cache.v, "v"))
+
+    # -- kernels -----------------------------------------------------------
+
+    def attention_specs(self, batch: int, heads: int, kv_heads: int) -> tuple[PartitionSpec, PartitionSpec]:
+        """shard_map specs of an attention kernel: (q/k/v [batch, len, heads, head_dim], metadata
+        [batch, len]). Batch over the `batch` rule, q and kv heads both over the `heads`
+        rule (so each device keeps whole query groups); lengths are never split."""
+        spec = self.spec(
+            ("batch", None, "heads", None), (batch, 1, math.gcd(heads, kv_heads), 1), where="attention"
+        )
+        return PartitionSpec(spec[0], None, spec[2], None), PartitionSpec(spec[0], None)
+
+    def moe_axes(self, num_experts: int, mlp: int) -> MoeAxes:
+        """The expert-parallel layout: experts over the `expert` rule, each expert's
+        intermediate dimension over the `mlp` rule, tokens over the `batch` rule
+        (minus the mlp axes, over which the partial results are summed)."""
+        spec = self.spec(("expert", "mlp"), (num_experts, mlp), where="moe experts")
+        experts, mlp_axes = _as_tuple(spec[0]), _as_tuple(spec[1])
+        sizes = self.mesh_shape
+        tokens = tuple(a for a in _as_tuple(self.rules.get("batch")) if sizes[a] > 1 and a not in mlp_axes)
+        return MoeAxes(tokens=tokens, experts=experts, mlp=mlp_axes)
 
 
-def cache_shardings(cache: KVCache, parallel_config: ParallelConfig, mesh: Mesh) -> KVCache:
-    """NamedShardings for a KVCache (k, v: [layers, batch, max_len, kv_heads, head_dim]).
-
-    The batch is sharded like training batches where the batch axes divide it
-    (otherwise replicated: decoding often uses one row), kv heads over `tensor`.
-    """
-    def one(x: Any, name: str) -> NamedSharding:
-        return NamedSharding(mesh, logical_to_mesh_spec(
-            CACHE_LOGICAL_AXES, x.shape, parallel_config.rules, _mesh_shape(mesh), where=f"cache.{name}"
-        ))
-
-    return cache.replace(k=one(cache.k, "k"), v=one(cache.v, "v"))
+def current_context() -> ShardingContext | None:
+    """The context of the code being traced: the mesh set with `jax.set_mesh` (or
+    `ShardingContext.activate`) and the active rules (the defaults when only a mesh
+    is set). None without a mesh or on one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None
+    active = _ACTIVE.get()
+    return ShardingContext(mesh, DEFAULT_LOGICAL_AXIS_RULES if active is None else active.logical_rules)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], *, where: str = "activation") -> jax.Array:
-    """`with_sharding_constraint` by logical names, for use inside jitted code.
+    """`with_sharding_constraint` by logical names under the current context (jitted code).
 
-    The mesh is the one set with `jax.set_mesh` and the rules are the
-    defaults (the model cannot see the run's config; the constraints it
-    places only name `batch`, `length` and the cache's axes); mesh axes the
-    mesh lacks count as size 1. Without
-    a mesh, or on one device, `x` is returned unchanged. Dimensions the
+    Without a mesh, or on one device, `x` is returned unchanged. Dimensions the
     rules' axes do not divide are left replicated, as for parameters.
 
     Args:
       x: any array; logical_axes: one logical name (or None) per dimension.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    context = current_context()
+    if context is None:
         return x
-    # A mesh with only some of MESH_AXES (e.g. data x expert) acts as if the others had size 1.
-    sizes = {axis: dict(mesh.shape).get(axis, 1) for axis in MESH_AXES}
-    spec = logical_to_mesh_spec(logical_axes, x.shape, dict(DEFAULT_LOGICAL_AXIS_RULES), sizes, where=where)
-    return jax.lax.with_sharding_constraint(x, spec)
+    return jax.lax.with_sharding_constraint(x, context.spec(logical_axes, x.shape, where=where))
 
 
-def constrain_cache(cache: KVCache) -> KVCache:
+def constrain_cache(cache: Any) -> Any:
     """Pins a KV cache made inside a jitted function to its rule-derived sharding
     (see `constrain`; k, v: [layers, batch, max_len, kv_heads, head_dim])."""
     return cache.replace(
         k=constrain(cache.k, CACHE_LOGICAL_AXES, where="cache.k"),
         v=constrain(cache.v, CACHE_LOGICAL_AXES, where="cache.v"),
     )
+
+
+# ---------------------------------------------------------------------------
+# Batches on several processes
 
 
 def process_batch_slice(sharding: NamedSharding, global_batch: int) -> slice:
@@ -454,6 +587,53 @@ def process_batch_slice(sharding: NamedSharding, global_batch: int) -> slice:
     return slice(rows[0], rows[-1] + 1)
 
 
+def check_process_layout(
+    sharding: NamedSharding, global_batch: int, *, process_index: int | None = None,
+    process_count: int | None = None,
+) -> slice:
+    """Checks that this process's devices hold the rows the data pipeline gives it.
+
+    The pipeline hands process p of n the rows [p·G/n, (p+1)·G/n) of each
+    global batch of G rows; `sharding` (the batch's) must put exactly those
+    rows on p's devices, which holds when the batch axes are a multiple of n.
+
+    Args:
+      sharding: the batch arrays' NamedSharding (leading axis = batch).
+      global_batch: G.
+      process_index, process_count: this process and the run's process count
+        (default: jax's).
+
+    Returns:
+      The process's rows.
+
+    Raises:
+      ParallelConfigError: naming the mesh axes, when the layouts disagree.
+    """
+    p = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    mesh = describe_mesh(dict(sharding.mesh.shape))
+    batch_axes = _as_tuple(sharding.spec[0]) if len(sharding.spec) else ()
+    if global_batch % n:
+        raise ParallelConfigError(
+            f"global batch {global_batch} is not divisible by the {n} processes (mesh {mesh})"
+        )
+    per = global_batch // n
+    want = slice(p * per, (p + 1) * per)
+    try:
+        owned = process_batch_slice(sharding, global_batch)
+    except ParallelConfigError as error:
+        raise ParallelConfigError(f"mesh {mesh}: {error}") from None
+    if owned != want:
+        shards = math.prod(dict(sharding.mesh.shape)[a] for a in batch_axes)
+        raise ParallelConfigError(
+            f"process {p} of {n}: the data pipeline gives it batch rows [{want.start}, {want.stop}) "
+            f"but its devices hold rows [{owned.start}, {owned.stop}) on mesh {mesh}, whose batch "
+            f"axes {batch_axes or '()'} make {shards} shard(s); make the product of the batch axes "
+            f"a multiple of {n} (e.g. move devices from tensor to data or fsdp)"
+        )
+    return owned
+
+
 def shard_batch(local_batch: Any, shardings: Any, global_batch: int) -> Any:
     """Global jax.Arrays from this process's rows (see process_batch_slice).
 
@@ -466,4 +646,3 @@ def shard_batch(local_batch: Any, shardings: Any, global_batch: int) -> Any:
         lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x), (global_batch,) + x.shape[1:]),
         local_batch, shardings,
     )
-

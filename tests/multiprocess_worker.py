@@ -78,10 +78,9 @@ def run(workdir: str, mesh: dict[str, int], devices: list | None = None) -> loop
     """Trains STEPS steps with the training loop on `mesh` over `devices` (default: all)."""
     config = make_config(workdir, mesh)
     model = run_config.model_config(config)
-    layout = parallel.ParallelConfig.from_mapping(config.mesh)
-    batch_sharding = parallel.batch_shardings(
-        {"tokens": jax.ShapeDtypeStruct((GLOBAL_BATCH, SEQ_LEN), np.int32)}, layout,
-        parallel.make_mesh(layout, devices),
+    context = parallel.ShardingContext.from_config(parallel.ParallelConfig.from_mapping(config.mesh), devices)
+    batch_sharding = context.batch_shardings(
+        {"tokens": jax.ShapeDtypeStruct((GLOBAL_BATCH, SEQ_LEN), np.int32)}
     )["tokens"]
     rows = parallel.process_batch_slice(batch_sharding, GLOBAL_BATCH)
     return loop.train(config, train_data=local_batches(rows, model.vocab_size), devices=devices)

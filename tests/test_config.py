@@ -45,8 +45,66 @@ def test_sdar_4b_parameter_count_matches_released_weights():
 def test_to_hf_config_round_trips(name):
     config = get_preset(name)
     hf = json.loads(json.dumps(to_hf_config(config)))  # what config.json holds
-    qwen_type = {"sdar": "qwen3", "sdar_moe": "qwen3_moe"}[config.model_type]
-    assert from_hf_config(hf) == config.replace(model_type=qwen_type)
+    assert from_hf_config(hf) == config
+    # SDAR stays SDAR (engines recognise a block-diffusion model by these).
+    assert (hf["model_type"], hf["architectures"]) == {
+        "sdar": ("sdar", ["SDARForCausalLM"]), "sdar_moe": ("sdar_moe", ["SDARMoeForCausalLM"]),
+    }[config.model_type]
+
+
+@needs_reference
+@pytest.mark.parametrize("name", ["SDAR-4B-Chat", "SDAR-8B-Chat"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_released_config_written_back_unchanged(name, dtype):
+    """Every key of the release (fuse_cross_entropy, auto_map, rope_scaling,
+    use_cache, ...) comes back; only the dtype written may change."""
+    released = reference_config(name)
+    config = from_hf_config(released, param_dtype=dtype)
+    written = json.loads(json.dumps(to_hf_config(config, base=released)))
+    assert written == {**released, "torch_dtype": dtype}
+
+
+def test_moe_and_transformers5_keys_kept():
+    """An SDAR-MoE config (the release's SDARMoeForCausalLM) and transformers
+    5's spellings (dtype, rope_parameters, num_local_experts, an eos list)."""
+    base = to_hf_config(get_preset("tiny-moe"))
+    del base["torch_dtype"], base["rope_theta"], base["num_experts"]
+    base.update(
+        dtype="float32", rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        num_local_experts=8, eos_token_id=[1, 7], use_cache=False, fuse_cross_entropy=True,
+        auto_map={"AutoModelForCausalLM": "modeling_sdar_moe.SDARMoeForCausalLM"},
+    )
+    config = from_hf_config(base)
+    assert config.num_experts == 8 and config.eos_token_id == 1
+    written = to_hf_config(config, base=base)
+    assert written == base
+    assert written["architectures"] == ["SDARMoeForCausalLM"]
+    # A changed value is written, not the source's.
+    assert to_hf_config(config.replace(eos_token_id=3), base=base)["eos_token_id"] == 3
+
+
+@pytest.mark.parametrize("family,sdar_type", [("qwen3", "sdar"), ("qwen3_moe", "sdar_moe"), ("llama", None)])
+def test_a_network_trained_with_the_sdar_objective_is_written_as_sdar(family, sdar_type):
+    hf = hf_models.hf_config(family).to_dict()
+    plain = from_hf_config(hf)
+    assert to_hf_config(plain, base=hf)["model_type"] == family  # Qwen3 and Llama stay theirs
+    adapted = plain.replace(mask_token_id=511, block_size=4)
+    written = to_hf_config(adapted, base=hf)
+    if sdar_type is None:  # there is no SDAR Llama: the family stays, with the SDAR fields
+        assert written["model_type"] == "llama" and written["architectures"] == ["LlamaForCausalLM"]
+    else:
+        arch = {"sdar": "SDARForCausalLM", "sdar_moe": "SDARMoeForCausalLM"}[sdar_type]
+        assert (written["model_type"], written["architectures"]) == (sdar_type, [arch])
+    assert (written["mask_token_id"], written["block_size"]) == (511, 4)
+    assert from_hf_config(written).replace(model_type=family) == adapted
+
+
+def test_shifted_logits_convention_is_written():
+    config = get_preset("tiny", logits_convention="shifted")
+    hf = to_hf_config(config)
+    assert hf["logits_convention"] == "shifted"
+    assert from_hf_config(hf) == config
+    assert "logits_convention" not in to_hf_config(get_preset("tiny"), base=hf)
 
 
 @pytest.mark.parametrize("family", hf_models.FAMILIES)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sdar_jax import convert, parallel
+from sdar_jax.model import sharding as model_sharding
 from sdar_jax.model import transformer
 from sdar_jax.ops.masks import MaskSpec
 from tests.helpers import hf_models
@@ -99,13 +100,12 @@ def test_expert_parallel_equals_single_device(converted):
     model, config, params, _ = converted
     tokens = np.random.default_rng(2).integers(0, config.vocab_size, size=(2, 12))
     want_logits, want_aux = sdar_forward(config, params, tokens)
-    layout = parallel.ParallelConfig(data=1, expert=8)  # one expert per device
-    mesh = parallel.make_mesh(layout)
-    shardings = parallel.param_shardings(config, layout, mesh)
+    context = parallel.ShardingContext.from_config(parallel.ParallelConfig(data=1, expert=8))  # one expert per device
+    shardings = model_sharding.param_shardings(config, context)
     gate_spec = shardings["layers"]["mlp"]["gate_proj"]["kernel"].spec
     assert gate_spec[1] == "expert"
     sharded_params = jax.device_put(params, shardings)
-    with jax.set_mesh(mesh):
+    with context.activate():
         got_logits, got_aux = jax.jit(lambda p: sdar_apply(config, p, tokens))(sharded_params)
     np.testing.assert_allclose(np.asarray(got_logits), want_logits, atol=1e-5, rtol=0)
     np.testing.assert_allclose(float(got_aux), want_aux, rtol=1e-6)

@@ -25,6 +25,7 @@ import pytest
 from sdar_jax import distributed, parallel
 from sdar_jax.distributed import DistributedConfig, DistributedConfigError, DistributedPlan
 from sdar_jax.convert import load_params_checkpoint
+from sdar_jax.model import sharding as model_sharding
 from sdar_jax.model import transformer
 from sdar_jax.train import config as run_config
 from sdar_jax.train import optimizer
@@ -260,9 +261,8 @@ def two_process_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def other_mesh():
-    """The one-process mesh the two-process outputs are restored onto."""
-    layout = parallel.ParallelConfig(data=1, fsdp=4, tensor=2)
-    return layout, parallel.make_mesh(layout)
+    """The one-process sharding context the two-process outputs are restored onto."""
+    return parallel.ShardingContext.from_config(parallel.ParallelConfig(data=1, fsdp=4, tensor=2))
 
 
 def _model_and_tx():
@@ -290,8 +290,7 @@ def test_two_processes_train_like_one(two_process_run, other_mesh, tmp_path):
 
     # The params both processes exported, read by one process onto another mesh.
     model, _ = _model_and_tx()
-    layout, mesh = other_mesh
-    shardings = parallel.param_shardings(model, layout, mesh)
+    shardings = model_sharding.param_shardings(model, other_mesh)
     _, got = load_params_checkpoint(results[0]["export_dir"], shardings=shardings)
     _, want = load_params_checkpoint(reference.export_dir)
     q = got["layers"]["self_attn"]["q_proj"]["kernel"]
@@ -310,9 +309,8 @@ def test_two_processes_train_like_one(two_process_run, other_mesh, tmp_path):
 def test_two_process_checkpoint_restores_on_another_mesh(two_process_run, other_mesh):
     workdir, results = two_process_run
     model, tx = _model_and_tx()
-    layout, mesh = other_mesh
     abstract = abstract_train_state(model, tx)
-    shardings = parallel.state_shardings(abstract, model, layout, mesh)
+    shardings = model_sharding.state_shardings(abstract, model, other_mesh)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     step_dir = workdir / "checkpoints" / str(results[0]["step"])
     restored = ocp.StandardCheckpointer().restore(step_dir / "state", target)

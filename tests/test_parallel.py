@@ -17,8 +17,10 @@ from jax.sharding import PartitionSpec as P
 
 from sdar_jax import parallel
 from sdar_jax.config import get_preset
+from sdar_jax.model import sharding as model_sharding
+from sdar_jax.ops.masks import MaskSpec
 from sdar_jax.model import transformer
-from sdar_jax.parallel import ParallelConfig, ParallelConfigError
+from sdar_jax.parallel import ParallelConfig, ParallelConfigError, ShardingContext
 from sdar_jax.train import config as train_config
 from sdar_jax.train import step as step_lib
 from sdar_jax.train.state import abstract_train_state, create_train_state
@@ -84,6 +86,25 @@ MOE_FSDP2_TP2_EP2 = {
     "lm_head/kernel": P((FS, EP), TP),
 }
 
+# A layout unlike the defaults in every consumer: the batch axes in another order (batches,
+# cache, layer-boundary constraint, attention kernels, MoE tokens), embed over tensor, mlp over
+# fsdp, vocab and kv heads replicated.
+CUSTOM_RULES = (
+    ("batch", ("expert", "fsdp", "data")),
+    ("length", None),
+    ("layers", None),
+    ("vocab", None),
+    ("embed", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", None),
+    ("head_dim", None),
+    ("mlp", "fsdp"),
+    ("expert", "expert"),
+    ("norm", None),
+)
+CUSTOM_DENSE = dict(data=2, fsdp=2, tensor=2)
+CUSTOM_MOE = dict(data=2, tensor=2, expert=2)
+
 CASES = [
     pytest.param("tiny", ParallelConfig(data=8), DENSE_DATA8, id="data8"),
     pytest.param("tiny", ParallelConfig(data=1, fsdp=8), DENSE_FSDP8, id="fsdp8"),
@@ -98,6 +119,10 @@ CASES = [
 def _by_name(tree) -> dict:
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, P))[0]
     return {"/".join(k.key for k in path): leaf for path, leaf in flat}
+
+
+def _context(pconfig: ParallelConfig, devices=None) -> ShardingContext:
+    return ShardingContext.from_config(pconfig, devices)
 
 
 def _batch(config, batch: int = BATCH, seq: int = SEQ) -> dict[str, np.ndarray]:
@@ -158,11 +183,10 @@ def test_from_mapping_reads_the_run_config_mesh_section():
 def test_unknown_logical_name_is_an_error():
     rules = dict(parallel.DEFAULT_LOGICAL_AXIS_RULES)
     del rules["mlp"]
-    pconfig = ParallelConfig(logical_rules=tuple(rules.items()))
-    mesh = parallel.make_mesh(pconfig)
+    context = _context(ParallelConfig(logical_rules=tuple(rules.items())))
     message = "param layers/mlp/down_proj/kernel: logical axis 'mlp' has no rule"
     with pytest.raises(ParallelConfigError, match=message):
-        parallel.param_specs(get_preset("tiny"), pconfig, mesh)
+        model_sharding.param_specs(get_preset("tiny"), context)
 
 
 # ---------------------------------------------------------------------------
@@ -171,17 +195,15 @@ def test_unknown_logical_name_is_an_error():
 
 @pytest.mark.parametrize("preset, pconfig, expected", CASES)
 def test_param_specs_follow_the_rules(preset, pconfig, expected):
-    mesh = parallel.make_mesh(pconfig)
-    specs = _by_name(parallel.param_specs(get_preset(preset), pconfig, mesh))
+    specs = _by_name(model_sharding.param_specs(get_preset(preset), _context(pconfig)))
     assert specs == expected
 
 
 def test_indivisible_dimension_falls_back_to_replication(caplog):
     # tensor 8: heads (4) and kv_heads (2) do not divide; vocab 512 and mlp 128 do.
-    pconfig = ParallelConfig(data=1, tensor=8)
-    mesh = parallel.make_mesh(pconfig)
+    context = _context(ParallelConfig(data=1, tensor=8))
     with caplog.at_level(logging.WARNING, logger="sdar_jax.parallel"):
-        specs = _by_name(parallel.param_specs(get_preset("tiny"), pconfig, mesh))
+        specs = _by_name(model_sharding.param_specs(get_preset("tiny"), context))
     assert specs["layers/self_attn/q_proj/kernel"] == P(None, None, None, None)
     assert specs["layers/self_attn/k_proj/kernel"] == P(None, None, None, None)
     assert specs["layers/mlp/up_proj/kernel"] == P(None, None, TP)
@@ -205,7 +227,7 @@ def test_released_models_shard_without_fallback(preset, sizes, gate_spec, caplog
         tuple(shape.values()), parallel.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4
     )
     with caplog.at_level(logging.WARNING, logger="sdar_jax.parallel"):
-        specs = parallel.param_specs(get_preset(preset), ParallelConfig(), mesh)
+        specs = model_sharding.param_specs(get_preset(preset), ShardingContext(mesh))
     assert caplog.text == ""
     assert specs["layers"]["mlp"]["gate_proj"]["kernel"] == gate_spec
 
@@ -221,37 +243,34 @@ def test_partial_fallback_keeps_the_dividing_prefix():
 
 
 def test_batch_shardings_require_divisible_batch():
-    pconfig = ParallelConfig(data=8)
-    mesh = parallel.make_mesh(pconfig)
+    context = _context(ParallelConfig(data=8))
     batch = _batch(get_preset("tiny"), batch=8)
-    shardings = parallel.batch_shardings(batch, pconfig, mesh)
+    shardings = context.batch_shardings(batch)
     assert {s.spec for s in shardings.values()} == {P("data", None)}
     message = "batch loss_mask: dimension 'batch' of size 4 is not divisible by mesh axes \\('data',\\)"
     with pytest.raises(ParallelConfigError, match=message):
-        parallel.batch_shardings(_batch(get_preset("tiny"), batch=4), pconfig, mesh)
+        context.batch_shardings(_batch(get_preset("tiny"), batch=4))
 
 
 def test_cache_shardings():
     config = get_preset("tiny")
-    pconfig = ParallelConfig(data=2, fsdp=2, tensor=2)
-    mesh = parallel.make_mesh(pconfig)
+    context = _context(ParallelConfig(data=2, fsdp=2, tensor=2))
     cache = jax.eval_shape(lambda: transformer.init_cache(config, 4, 32))
-    shardings = parallel.cache_shardings(cache, pconfig, mesh)
+    shardings = context.cache_shardings(cache)
     assert shardings.k.spec == P(None, ("data", "fsdp"), None, TP, None)
     one_row = jax.eval_shape(lambda: transformer.init_cache(config, 1, 32))
-    assert parallel.cache_shardings(one_row, pconfig, mesh).v.spec == P(None, None, None, TP, None)
+    assert context.cache_shardings(one_row).v.spec == P(None, None, None, TP, None)
 
 
 def test_state_shardings_cover_optimizer_moments():
     config = get_preset("tiny")
-    pconfig = ParallelConfig(data=2, fsdp=2, tensor=2)
-    mesh = parallel.make_mesh(pconfig)
+    context = _context(ParallelConfig(data=2, fsdp=2, tensor=2))
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
-    params = parallel.param_shapes(config)
+    params = model_sharding.param_shapes(config)
     state = jax.eval_shape(
         lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}, params
     )
-    shardings = parallel.state_shardings(state, config, pconfig, mesh)
+    shardings = model_sharding.state_shardings(state, config, context)
     adam = shardings["opt_state"][1][0]
     expected = DENSE_DP2_FSDP2_TP2
     assert _by_name(jax.tree.map(lambda s: s.spec, shardings["params"])) == expected
@@ -290,14 +309,14 @@ def _one_step(preset: str, pconfig: ParallelConfig, devices=None):
     config = _run_config(preset)
     model = train_config.model_config(config)
     tx = optax.scale(-1.0)
-    mesh = parallel.make_mesh(pconfig, devices)
-    state_sh = parallel.state_shardings(abstract_train_state(model, tx), model, pconfig, mesh)
+    context = _context(pconfig, devices)
+    state_sh = model_sharding.state_shardings(abstract_train_state(model, tx), model, context)
     batch = _batch(model)
-    batch_sh = parallel.batch_shardings(batch, pconfig, mesh)
+    batch_sh = context.batch_shardings(batch)
     train_step = step_lib.compile_train_step(
         config, model, tx, optax.constant_schedule(1.0), state_shardings=state_sh, batch_shardings=batch_sh
     )
-    with jax.set_mesh(mesh):
+    with context.activate():
         state = jax.jit(lambda r: create_train_state(model, tx, r), out_shardings=state_sh)(jax.random.key(0))
         params = jax.device_get(state.params)
         new_state, metrics = train_step(state, jax.device_put(batch, batch_sh))
@@ -345,7 +364,8 @@ def test_constrain_cache_pins_the_cache_under_a_mesh():
     assert len(make().k.sharding.device_set) == 1  # no mesh: left alone
 
 
-def test_sharded_decoding_equals_single_device():
+@pytest.mark.parametrize("rules", [None, CUSTOM_RULES], ids=["default-rules", "custom-rules"])
+def test_sharded_decoding_equals_single_device(rules):
     from sdar_jax.decode.decoder import DecodeConfig, generate
 
     config = get_preset("tiny")
@@ -355,11 +375,15 @@ def test_sharded_decoding_equals_single_device():
     decode = DecodeConfig(block_length=4, steps=2, max_new_tokens=8, strategy="low_confidence_static")
     want = generate(params, config, prompts, lengths, jax.random.key(0), decode)
 
-    pconfig = ParallelConfig(data=2, fsdp=2, tensor=2)
-    mesh = parallel.make_mesh(pconfig)
-    sharded = jax.device_put(params, parallel.param_shardings(config, pconfig, mesh))
-    with jax.set_mesh(mesh):
+    context = _context(ParallelConfig(**CUSTOM_DENSE, **({} if rules is None else {"logical_rules": rules})))
+    sharded = jax.device_put(params, model_sharding.param_shardings(config, context))
+    with context.activate():
         got = generate(sharded, config, prompts, lengths, jax.random.key(0), decode)
+        # The cache the decoder pins follows the active rules.
+        cache = jax.jit(lambda: parallel.constrain_cache(transformer.init_cache(config, 4, 32)))()
+    batch_axes = ("fsdp", "data") if rules else ("data", "fsdp")
+    expected = jax.sharding.NamedSharding(context.mesh, P(None, batch_axes, None, None if rules else TP, None))
+    assert cache.k.sharding.is_equivalent_to(expected, 5), cache.k.sharding.spec
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     np.testing.assert_array_equal(np.asarray(got.num_forwards), np.asarray(want.num_forwards))
 
@@ -370,18 +394,123 @@ def test_fsdp_runs_each_matmul_on_the_devices_own_rows():
     config = _run_config("tiny")
     model = train_config.model_config(config)
     tx = optax.scale(-1.0)
-    pconfig = ParallelConfig(data=1, fsdp=8)
-    mesh = parallel.make_mesh(pconfig)
+    context = _context(ParallelConfig(data=1, fsdp=8))
     abstract = abstract_train_state(model, tx)
-    state_sh = parallel.state_shardings(abstract, model, pconfig, mesh)
+    state_sh = model_sharding.state_shardings(abstract, model, context)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(model))
-    batch_sh = parallel.batch_shardings(batch, pconfig, mesh)
+    batch_sh = context.batch_shardings(batch)
     train_step = step_lib.compile_train_step(
         config, model, tx, optax.constant_schedule(1.0), state_shardings=state_sh, batch_shardings=batch_sh
     )
-    with jax.set_mesh(mesh):
+    with context.activate():
         hlo = train_step.lower(abstract, batch).compile().as_text()
     rows = [int(n) for n in re.findall(r"f32\[(\d+),\d+\]\{1,0\} dot\(", hlo)]
     local_tokens = BATCH * 2 * SEQ // 8
     assert local_tokens in rows
     assert BATCH * 2 * SEQ not in rows, sorted(set(rows))
+
+
+# ---------------------------------------------------------------------------
+# One sharding context: a custom rule set reaches every consumer
+
+
+@pytest.mark.parametrize(
+    "preset, sizes", [("tiny", CUSTOM_DENSE), ("tiny-moe", CUSTOM_MOE)], ids=["dense", "moe"]
+)
+def test_custom_rules_train_like_the_defaults_with_their_own_specs(references, preset, sizes):
+    """Params, optimizer state, batches, the layer constraint and (MoE) expert parallelism
+    under the custom rules: the train step equals one device, and the applied specs are the
+    custom ones, not the defaults."""
+    custom = ParallelConfig(**sizes, logical_rules=CUSTOM_RULES)
+    ref_metrics, ref_grads, _ = references[preset]
+    metrics, grads, specs = _one_step(preset, custom)
+    for key in ("loss", "aux_loss", "grad_norm", "accuracy"):
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+    for (path, g), ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, ref, rtol=1e-4, atol=3e-7, err_msg=jax.tree_util.keystr(path))
+    model = get_preset(preset)
+    want = _by_name(model_sharding.param_specs(model, _context(custom)))
+    default = _by_name(model_sharding.param_specs(model, _context(ParallelConfig(**sizes))))
+    assert _by_name(specs) == want
+    assert want["layers/self_attn/q_proj/kernel"] == P(None, TP, None, None)
+    assert default["layers/self_attn/q_proj/kernel"] != want["layers/self_attn/q_proj/kernel"]
+
+
+def _traced(context: ShardingContext, fn, *args) -> str:
+    with context.activate():
+        return str(jax.make_jaxpr(fn)(*args))
+
+
+def test_custom_rules_reach_the_constraints_inside_the_model():
+    config = get_preset("tiny-moe")
+    params = model_sharding.param_shapes(config)
+    tokens = jnp.zeros((8, 4), jnp.int32)
+    apply = lambda p, t: transformer.apply(config, p, t, t, mask=MaskSpec("causal")).logits  # noqa: E731
+    custom = _traced(_context(ParallelConfig(**CUSTOM_MOE, logical_rules=CUSTOM_RULES)), apply, params, tokens)
+    default = _traced(_context(ParallelConfig(**CUSTOM_MOE)), apply, params, tokens)
+    # Layer boundary [batch, seq, hidden]: batch over the custom order.
+    assert "spec=P(('expert', 'data'), None, None)" in custom
+    assert "spec=P(('data', 'expert'), None, None)" in default
+    # Expert parallelism: tokens over (expert, data), mlp unsplit (custom: mlp -> fsdp, size 1)
+    # instead of tokens over (data, expert) and mlp over tensor.
+    assert "in_specs=(P(('expert', 'data'),), P(('expert', 'data'),), P(('expert', 'data'),), " \
+           "P('expert', None, None)" in custom
+    assert "in_specs=(P(('data', 'expert'),), P(('data', 'expert'),), P(('data', 'expert'),), " \
+           "P('expert', None, 'tensor')" in default
+
+
+def test_custom_rules_reach_the_pallas_shard_map():
+    """The Pallas attention kernels run per device with the context's batch/heads specs and
+    give the reference result under either rule set."""
+    from sdar_jax.ops import attention as attention_ops
+    from sdar_jax.ops.pallas_attention import pallas_attention
+
+    q, k, v = (jax.random.normal(key, (8, 16, heads, 16)) for key, heads in
+               zip(jax.random.split(jax.random.key(0), 3), (4, 2, 2)))
+    positions = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (8, 16))
+    kw = dict(mask=MaskSpec("causal"), q_positions=positions, kv_positions=positions)
+    want = attention_ops.xla_attention(q, k, v, **kw)
+    for rules, batch_axes in ((CUSTOM_RULES, ("fsdp", "data")), (None, ("data", "fsdp"))):
+        # A fresh jit per context: a jitted function keeps the trace of its first context.
+        fn = jax.jit(lambda q, k, v: pallas_attention(q, k, v, **kw, backend="gpu", interpret=True))
+        extra = {} if rules is None else {"logical_rules": rules}
+        context = _context(ParallelConfig(**CUSTOM_DENSE, **extra))
+        assert f"in_specs=(P({batch_axes!r}, None, 'tensor', None)," in _traced(context, fn, q, k, v)
+        with context.activate():
+            got = fn(q, k, v)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_context_is_scoped_to_its_block():
+    context = _context(ParallelConfig(**CUSTOM_DENSE, logical_rules=CUSTOM_RULES))
+    assert parallel.current_context() is None
+    with context.activate():
+        assert parallel.current_context().logical_rules == CUSTOM_RULES
+        with jax.set_mesh(context.mesh):  # a bare mesh inside keeps the run's rules
+            assert parallel.current_context().rules["batch"] == ("expert", "fsdp", "data")
+    assert parallel.current_context() is None
+    with jax.set_mesh(context.mesh):  # a bare mesh alone: the default rules
+        assert parallel.current_context().logical_rules == parallel.DEFAULT_LOGICAL_AXIS_RULES
+
+
+def test_parallel_does_not_import_the_model():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(parallel))
+    imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {m for m in imported if m and m.startswith("sdar_jax")}, imported
+
+
+def test_process_layout_check_names_the_mesh():
+    context = _context(ParallelConfig(data=1, tensor=8))
+    sharding = context.batch_shardings({"tokens": jax.ShapeDtypeStruct((8, 4), jnp.int32)})["tokens"]
+    assert parallel.check_process_layout(sharding, 8) == slice(0, 8)
+    # As process 1 of 2, the pipeline would feed rows [4, 8) but every device holds all rows.
+    message = (r"process 1 of 2: the data pipeline gives it batch rows \[4, 8\) but its devices hold "
+               r"rows \[0, 8\) on mesh data=1,fsdp=1,tensor=8,expert=1, whose batch axes \(\) make 1 shard")
+    with pytest.raises(ParallelConfigError, match=message):
+        parallel.check_process_layout(sharding, 8, process_index=1, process_count=2)
+    with pytest.raises(ParallelConfigError, match="global batch 7 is not divisible by the 2 processes"):
+        parallel.check_process_layout(sharding, 7, process_index=0, process_count=2)

@@ -30,13 +30,24 @@ Stages (per process):
      `long_examples`), `packing.BlockPadAndFit`;
   6. first-fit packing into rows of seq_len (`packing.pack`), then batching.
 Everything is deterministic for a seed.
+
+Malformed training records (invalid JSON, missing or mistyped fields, bad
+ids) follow `on_bad_record`: "error" (default) raises `DataSourceError`
+naming the file and line when the record is reached; "skip" drops the record,
+logs a warning naming it (the first `BadRecordCounter.max_logged`) and counts
+it in the `BadRecordCounter` passed to `make_train_iterator`. Skipping is
+deterministic (the same records are dropped on every pass and after a
+resume); it needs `worker_count=0`, so the count lives in the trainer's
+process. Eval data always raise.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
+import threading
 from typing import Any, Mapping
 
 import grain
@@ -51,6 +62,9 @@ IM_END_TOKEN = "<|im_end|>"
 # Keys of a run config's `data` section that the trainer reads itself (passed
 # to the constructors as arguments) and that DataConfig therefore accepts and ignores.
 TRAINER_KEYS = frozenset({"seq_len", "global_batch_size", "seed", "tokenizer_dir"})
+BAD_RECORD_POLICIES = ("error", "skip")
+
+_log = logging.getLogger(__name__)
 
 
 class DataConfigError(ValueError):
@@ -65,6 +79,8 @@ class DataConfig:
       train_path, eval_path: files, globs, directories or comma-separated lists
         of them (see `sources.expand_paths`).
       long_examples: "raise" (default) or "split" for examples longer than seq_len.
+      on_bad_record: "error" (default) or "skip" for malformed training records
+        (see the module docstring).
       append_eos: end every `text` record with `<|endoftext|>`.
       shuffle: shuffle the training records (per epoch) and packed rows.
       num_epochs: training epochs over the records; None (the default, and the
@@ -81,6 +97,7 @@ class DataConfig:
     train_path: str | None = None
     eval_path: str | None = None
     long_examples: packing.LongExamples = "raise"
+    on_bad_record: str = "error"
     append_eos: bool = True
     shuffle: bool = True
     num_epochs: int | None = None
@@ -93,6 +110,13 @@ class DataConfig:
             raise DataConfigError(
                 f"data.long_examples is {self.long_examples!r}; expected one of "
                 f"{packing.LONG_EXAMPLE_POLICIES}")
+        if self.on_bad_record not in BAD_RECORD_POLICIES:
+            raise DataConfigError(
+                f"data.on_bad_record is {self.on_bad_record!r}; expected one of {BAD_RECORD_POLICIES}")
+        if self.on_bad_record == "skip" and self.worker_count:
+            raise DataConfigError(
+                "data.on_bad_record='skip' counts skipped records in the trainer's process; set "
+                f"data.worker_count=0 (got {self.worker_count})")
         for name in ("num_epochs", "packing_bins"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -195,6 +219,54 @@ class RecordToExample(grain.transforms.Map):
         return example
 
 
+class BadRecordCounter:
+    """Counts the malformed records the "skip" policy dropped (thread-safe) and logs
+    the first `max_logged` of them, naming each."""
+
+    def __init__(self, max_logged: int = 10):
+        self.max_logged = max_logged
+        self._count = 0
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def add(self, error: sources.DataSourceError) -> None:
+        with self._lock:
+            self._count += 1
+            count = self._count
+        if count <= self.max_logged:
+            _log.warning("skipping malformed training record (data.on_bad_record='skip'): %s", error)
+        if count == self.max_logged:
+            _log.warning("further malformed records are skipped and counted without a message")
+
+
+class _SkipBadRecords(grain.MapDataset):
+    """`parent.map(to_example)`, with records that raise DataSourceError (while read
+    or converted) dropped and counted."""
+
+    def __init__(self, parent: grain.MapDataset, to_example: "RecordToExample", counter: BadRecordCounter):
+        super().__init__(parent)
+        self._to_example = to_example
+        self._counter = counter
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        try:
+            return self._to_example.map(self._parent[index])
+        except sources.DataSourceError as e:
+            self._counter.add(e)
+            return None  # grain's iterators pass over None elements
+
+    def __str__(self) -> str:
+        return "_SkipBadRecords"
+
+
 def _load_tokenizer(tokenizer: Tokenizer | str | os.PathLike[str]) -> Tokenizer:
     return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_dir(tokenizer)
 
@@ -225,9 +297,12 @@ def _per_process_batch(global_batch: int, shard: tuple[int, int] | None) -> int:
 def _records_to_rows(
     ds: grain.MapDataset, cfg: DataConfig, tokenizer: Tokenizer, *, block_size: int,
     seq_len: int, batch: int, seed: int, shuffle_rows: bool,
+    bad_records: BadRecordCounter | None = None,
 ) -> grain.IterDataset:
-    """Stages 4-6 of the module docstring: records -> packed rows (not yet batched)."""
-    ds = ds.map(RecordToExample(tokenizer, cfg.append_eos))
+    """Stages 4-6 of the module docstring: records -> packed rows (not yet batched).
+    With `bad_records`, malformed records are skipped and counted there."""
+    to_example = RecordToExample(tokenizer, cfg.append_eos)
+    ds = ds.map(to_example) if bad_records is None else _SkipBadRecords(ds, to_example, bad_records)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=4 * batch))
     it = grain.experimental.FlatMapIterDataset(
@@ -251,6 +326,7 @@ def make_train_iterator(
     seed: int,
     *,
     shard: tuple[int, int] | None = None,
+    bad_records: BadRecordCounter | None = None,
 ) -> grain.DatasetIterator:
     """The training iterator of this process (shuffled, repeated, packed, batched).
 
@@ -263,11 +339,17 @@ def make_train_iterator(
       global_batch: rows per step over all processes.
       seed: shuffling seed.
       shard: (index, count) to read instead of (jax.process_index(), jax.process_count()).
+      bad_records: where the "skip" policy counts dropped records (a fresh
+        counter when None; ignored under "error").
 
     Returns:
       A grain DatasetIterator of dicts with [global_batch / count, seq_len] arrays.
     """
     cfg = DataConfig.from_config(data_config)
+    if cfg.on_bad_record == "skip" and bad_records is None:
+        bad_records = BadRecordCounter()
+    if cfg.on_bad_record == "error":
+        bad_records = None
     if not cfg.train_path:
         raise DataConfigError("data.train_path is required to build the training iterator")
     tokenizer = _load_tokenizer(tokenizer)
@@ -278,7 +360,8 @@ def make_train_iterator(
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(cfg.num_epochs)
     rows = _records_to_rows(ds, cfg, tokenizer, block_size=block_size, seq_len=seq_len,
-                            batch=batch, seed=seed, shuffle_rows=cfg.shuffle)
+                            batch=batch, seed=seed, shuffle_rows=cfg.shuffle,
+                            bad_records=bad_records)
     return iter(_with_workers(rows.batch(batch, drop_remainder=True), cfg))
 
 

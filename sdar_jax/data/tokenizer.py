@@ -9,12 +9,11 @@ else `tokenizer_config.json`'s `chat_template`; stop ids from
 `generation_config.json`'s `eos_token_id` when present.
 
 Precedence follows `transformers` so that encodings agree with it: when
-`tokenizer_config.json` has `added_tokens_decoder`, that list is authoritative.
-An `added_tokens.json` entry naming a *different* string for an id the decoder
-already defines (the released SDAR files say `<MASK>` there and `<|MASK|>` in
-the decoder, both id 151669) is kept as an alias: `token_to_id` resolves it
-and `encode` turns it into that id, while `decode` writes the canonical
-(decoder) string. `transformers` drops such aliases.
+`tokenizer_config.json` has `added_tokens_decoder`, that list is authoritative
+and `added_tokens.json` only contributes strings at ids the decoder leaves
+free. The released SDAR files name id 151669 `<MASK>` in `added_tokens.json`
+and `<|MASK|>` in the decoder: only `<|MASK|>` is the mask token, and the
+literal text `<MASK>` encodes as plain text (user text cannot inject mask ids).
 
 `build_char_tokenizer` writes the tiny char-level tokenizer of the embedded
 demo (`assets/char_tokenizer`, rebuilt by `python -m sdar_jax.data.tokenizer`).
@@ -26,8 +25,7 @@ import argparse
 import dataclasses
 import json
 import os
-import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jinja2
 import jinja2.ext
@@ -96,12 +94,16 @@ def _additional_special(config: Mapping[str, Any], special_map: Mapping[str, Any
 
 def _added_tokens(
     directory: str, config: Mapping[str, Any], special_names: set[str]
-) -> tuple[list[_AddedToken], dict[str, int]]:
-    """Added tokens (sorted by id) and aliases (string -> id) from the config files."""
+) -> list[_AddedToken]:
+    """Added tokens (sorted by id) from the config files.
+
+    `added_tokens_decoder` wins; an `added_tokens.json` entry is used only for
+    an id the decoder does not define (a different string at a decoder id is
+    dropped, as `transformers` does).
+    """
     legacy_path = os.path.join(directory, "added_tokens.json")
     legacy = _read_json(legacy_path) if os.path.exists(legacy_path) else {}
     decoder = config.get("added_tokens_decoder")
-    aliases: dict[str, int] = {}
     if decoder:
         entries = []
         for key, spec in decoder.items():
@@ -116,14 +118,14 @@ def _added_tokens(
                 lstrip=bool(spec.get("lstrip", False)), rstrip=bool(spec.get("rstrip", False)),
                 single_word=bool(spec.get("single_word", False)),
                 normalized=bool(spec.get("normalized", not spec.get("special", False)))))
-        by_id = {e.id: e.content for e in entries}
-        for content, idx in legacy.items():
-            if idx in by_id and by_id[idx] != content:
-                aliases[content] = int(idx)
+        defined = {e.id for e in entries} | {e.content for e in entries}
+        entries += [_AddedToken(id=int(idx), content=content, special=content in special_names)
+                    for content, idx in legacy.items()
+                    if int(idx) not in defined and content not in defined]
     else:
         entries = [_AddedToken(id=int(idx), content=content, special=content in special_names)
                    for content, idx in legacy.items()]
-    return sorted(entries, key=lambda e: e.id), aliases
+    return sorted(entries, key=lambda e: e.id)
 
 
 def _qwen2_bpe(vocab_path: str, merges_path: str) -> tokenizers.Tokenizer:
@@ -156,6 +158,17 @@ def _register(backend: tokenizers.Tokenizer, entries: Sequence[_AddedToken], dir
         backend.add_tokens([tokenizers.AddedToken(
             entry.content, single_word=entry.single_word, lstrip=entry.lstrip,
             rstrip=entry.rstrip, normalized=entry.normalized, special=entry.special)])
+
+
+def _load_backend(load: Callable[[], tokenizers.Tokenizer], what: str) -> tokenizers.Tokenizer:
+    """`load()`, with the Rust backend's parse error turned into one naming `what`."""
+    try:
+        return load()
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        if isinstance(e, (OSError, MemoryError)):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TokenizerError(f"{what} could not be read as a tokenizer (truncated or corrupt?): {first}") from e
 
 
 def _raise_exception(message: str) -> None:
@@ -212,11 +225,9 @@ class Tokenizer:
     backend: tokenizers.Tokenizer
     directory: str
     special_tokens: Mapping[str, str]  # "eos_token" -> "<|endoftext|>", ...
-    aliases: Mapping[str, int]
     chat_template: str | None
     generation_eos_ids: tuple[int, ...] = ()
     _template: jinja2.Template | None = dataclasses.field(default=None, repr=False)
-    _alias_pattern: re.Pattern[str] | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike[str]) -> "Tokenizer":
@@ -233,9 +244,11 @@ class Tokenizer:
             return _read_json(path(name)) if os.path.exists(path(name)) else {}
 
         if os.path.exists(path("tokenizer.json")):
-            backend = tokenizers.Tokenizer.from_file(path("tokenizer.json"))
+            backend = _load_backend(lambda: tokenizers.Tokenizer.from_file(path("tokenizer.json")),
+                                    path("tokenizer.json"))
         elif os.path.exists(path("vocab.json")) and os.path.exists(path("merges.txt")):
-            backend = _qwen2_bpe(path("vocab.json"), path("merges.txt"))
+            backend = _load_backend(lambda: _qwen2_bpe(path("vocab.json"), path("merges.txt")),
+                                    f"{path('vocab.json')} + merges.txt")
         else:
             raise TokenizerError(f"tokenizer directory {directory!r} has {sorted(os.listdir(directory))}; "
                                  f"expected {_EXPECTED_FILES}")
@@ -243,20 +256,17 @@ class Tokenizer:
         special_map = optional_json("special_tokens_map.json")
         special_tokens = _special_token_names(config, special_map)
         special_names = set(special_tokens.values()) | set(_additional_special(config, special_map))
-        entries, aliases = _added_tokens(directory, config, special_names)
+        entries = _added_tokens(directory, config, special_names)
         _register(backend, entries, directory)
 
         eos_ids = optional_json("generation_config.json").get("eos_token_id", ())
         eos_ids = (eos_ids,) if isinstance(eos_ids, int) else tuple(int(i) for i in eos_ids)
         template = _chat_template_source(directory, config)
-        alias_pattern = (re.compile("|".join(re.escape(a) for a in sorted(aliases, key=len, reverse=True)))
-                         if aliases else None)
         tok = cls(backend=backend, directory=directory, special_tokens=special_tokens,
-                  aliases=aliases, chat_template=template, generation_eos_ids=eos_ids,
-                  _template=compile_chat_template(template) if template else None,
-                  _alias_pattern=alias_pattern)
+                  chat_template=template, generation_eos_ids=eos_ids,
+                  _template=compile_chat_template(template) if template else None)
         for field, content in special_tokens.items():
-            if tok.backend.token_to_id(content) is None and content not in aliases:
+            if tok.backend.token_to_id(content) is None:
                 raise TokenizerError(f"{directory}: {field} {content!r} is not in the vocabulary")
         return tok
 
@@ -268,10 +278,8 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def token_to_id(self, token: str) -> int:
-        """The id of one token string (aliases included); raises naming it if unknown."""
+        """The id of one token string; raises naming it if unknown."""
         idx = self.backend.token_to_id(token)
-        if idx is None:
-            idx = self.aliases.get(token)
         if idx is None:
             raise TokenizerError(f"token {token!r} is not in the vocabulary of {self.directory!r}")
         return idx
@@ -325,26 +333,11 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; added tokens inside the text become single ids, none are added."""
-        if self._alias_pattern is None:
-            return self.backend.encode(text, add_special_tokens=False).ids
-        # An alias acts exactly like an added token (not normalised, no strip):
-        # split the text on it and encode the pieces independently.
-        ids: list[int] = []
-        start = 0
-        for match in self._alias_pattern.finditer(text):
-            if match.start() > start:
-                ids += self.backend.encode(text[start:match.start()], add_special_tokens=False).ids
-            ids.append(self.aliases[match.group()])
-            start = match.end()
-        if start < len(text):
-            ids += self.backend.encode(text[start:], add_special_tokens=False).ids
-        return ids
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`encode` over many texts (parallel in the Rust backend when there are no aliases)."""
-        if self._alias_pattern is None:
-            return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
-        return [self.encode(t) for t in texts]
+        """`encode` over many texts (parallel in the Rust backend)."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; with `skip_special_tokens`, tokens marked special are dropped."""

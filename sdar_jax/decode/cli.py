@@ -6,12 +6,20 @@
 into a validated `DecodeConfig`, filling the defaults that depend on the
 checkpoint (mode from the mask token, block length from `block_size`, steps
 = block length). `resolve_stop_ids` picks the stop ids: the flag, else the
-tokenizer's, else the config's eos.
+tokenizer's, else the config's eos, and checks them against the vocabulary.
+
+Also shared by the launchers: `check_writable` (an output path is checked
+before any work) and the persistent compilation cache
+(`add_cache_args` / `enable_compilation_cache`): JAX's own on-disk cache,
+on by default under `$XDG_CACHE_HOME/sdar_jax/jax` (else
+`~/.cache/sdar_jax/jax`); `--compilation-cache DIR` or the environment
+variable `SDAR_JAX_COMPILATION_CACHE` moves it, the value `off` disables it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from sdar_jax.config import ModelConfig
@@ -61,13 +69,20 @@ def add_decoding_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256
 
 
 def resolve_stop_ids(args: argparse.Namespace, tokenizer: Any, config: ModelConfig) -> tuple[int, ...]:
-    """--stop-ids, else the tokenizer's stop ids, else (config.eos_token_id,), else ()."""
+    """--stop-ids (each in [0, vocab_size)), else the tokenizer's stop ids, else
+    (config.eos_token_id,), else ()."""
     if args.stop_ids is not None:
         try:
-            return tuple(int(s) for s in args.stop_ids.split(",") if s.strip())
+            ids = tuple(int(s) for s in args.stop_ids.split(",") if s.strip())
         except ValueError as e:
             raise DecodingArgsError(
                 f"--stop-ids {args.stop_ids!r}: expected comma-separated ints") from e
+        for i in ids:
+            if not 0 <= i < config.vocab_size:
+                raise DecodingArgsError(
+                    f"--stop-ids: id {i} is outside the vocabulary [0, {config.vocab_size}) "
+                    f"(vocab_size {config.vocab_size})")
+        return ids
     if tokenizer is not None and tokenizer.stop_token_ids:
         return tuple(tokenizer.stop_token_ids)
     return () if config.eos_token_id is None else (config.eos_token_id,)
@@ -81,7 +96,9 @@ def decode_config_from_args(args: argparse.Namespace, config: ModelConfig,
         raise DecodingArgsError(
             "--mode diffusion needs a checkpoint with a mask token (mask_token_id in config.json); "
             "this one has none: use --mode ar")
-    block_length = args.block_length or config.block_size or 4
+    if args.block_length is not None and args.block_length < 1:
+        raise DecodingArgsError(f"--block-length must be >= 1, got {args.block_length}")
+    block_length = args.block_length if args.block_length is not None else (config.block_size or 4)
     try:
         return DecodeConfig(
             mode=mode, block_length=block_length,
@@ -94,3 +111,63 @@ def decode_config_from_args(args: argparse.Namespace, config: ModelConfig,
         )
     except ValueError as e:
         raise DecodingArgsError(str(e)) from e
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Raises DecodingArgsError naming `flag` and `path` unless a file can be written there.
+
+    Nothing is created: the path must not be a directory and must be
+    writable if it exists; else its nearest existing ancestor must be a
+    writable directory (missing parents are created when writing).
+    """
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        raise DecodingArgsError(f"{flag} {path!r} is a directory; expected a file path")
+    if os.path.exists(target):
+        if not os.access(target, os.W_OK):
+            raise DecodingArgsError(f"{flag} {path!r} is not writable")
+        return
+    parent = os.path.dirname(target)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DecodingArgsError(f"{flag} {path!r}: {parent!r} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DecodingArgsError(f"{flag} {path!r}: directory {parent!r} is not writable")
+
+
+CACHE_ENV = "SDAR_JAX_COMPILATION_CACHE"
+
+
+def default_cache_dir() -> str:
+    """$SDAR_JAX_COMPILATION_CACHE, else $XDG_CACHE_HOME/sdar_jax/jax, else ~/.cache/sdar_jax/jax."""
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sdar_jax", "jax")
+
+
+def add_cache_args(parser: argparse.ArgumentParser) -> None:
+    """Adds --compilation-cache DIR|off."""
+    parser.add_argument(
+        "--compilation-cache", default=None, metavar="DIR|off",
+        help=f"persistent JAX compilation cache directory, or 'off' (default: ${CACHE_ENV}, "
+             "else $XDG_CACHE_HOME/sdar_jax/jax, else ~/.cache/sdar_jax/jax)")
+
+
+def enable_compilation_cache(args: argparse.Namespace) -> str | None:
+    """Points JAX's persistent compilation cache at the chosen directory (every
+    compilation is cached, however fast); returns it, or None when off."""
+    import jax
+
+    directory = args.compilation_cache or default_cache_dir()
+    if directory.lower() == "off":
+        return None
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise DecodingArgsError(f"--compilation-cache {directory!r}: {e.strerror}") from e
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory

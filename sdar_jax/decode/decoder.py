@@ -1,34 +1,56 @@
 """Block-diffusion and autoregressive decoding in one jitted function (spec §3).
 
-`generate` prefills the prompt, then runs a `lax.while_loop` over blocks that
-holds a `lax.while_loop` over denoising steps, with a static KV cache
-`[layers, batch, max_len, kv_heads, head_dim]`; nothing is dispatched from
-Python per block or per step.
+`generate` decodes a batch of prompts; `generate_many` decodes a list of
+prompts through a fixed number of batch rows ("slots") with continuous
+batching. Both run one `lax.while_loop` in which every iteration is one
+model forward for the whole batch, against a static KV cache
+`[layers, slots, max_len, kv_heads, head_dim]`; nothing is dispatched from
+Python per block, step or prompt.
 
-Diffusion mode (SDAR checkpoints), per row r with prompt length P_r:
-  * the prompt's whole blocks (positions < (P_r // B) * B) are prefilled with
-    the block-causal mask;
-  * the first decoded block starts at (P_r // B) * B and keeps the prompt's
-    tail; blocks follow each row's own absolute positions, so a row decodes
-    exactly as it would alone;
-  * each step runs the block's B tokens against the cache (block-causal mask:
-    the past and the block itself), proposes a token per position and lets the
-    strategy commit some still-masked ones; the loop ends when no row has a
-    masked position left; the finished block's keys and values are written
-    into the cache by the next block's first forward, which runs
-    [finished block ; new block] (2B tokens) instead of spec §3.3's separate
-    pass (same cache contents, one forward less per block);
-  * after each block, a row whose generated part holds a stop id is finished
-    and frozen; so is a row whose canvas (ceil((P_r + G) / B) blocks) is full.
+Diffusion mode (SDAR checkpoints), per slot holding a prompt of length P:
+  * the prompt's whole blocks (positions < (P // B) * B) are prefilled with
+    the block-causal mask (the first prompts in one batch-wide prefill, later
+    ones into the slot that frees up, with a one-row prefill);
+  * the first decoded block starts at (P // B) * B and keeps the prompt's
+    tail; blocks follow each slot's own absolute positions;
+  * per-row progress: each slot carries its own block index and step count.
+    A forward runs every slot's current block (block-causal mask: the past and
+    the block itself), proposes a token per position and lets the strategy
+    commit some still-masked ones. A slot whose block has no masked position
+    left moves to its next block at the next forward, while the others keep
+    denoising theirs, so the batch runs about as many forwards as its
+    slowest row needs (not the sum over blocks of the per-block maxima);
+  * a finished block's keys and values are written by the slot's next
+    forward, which runs [finished block ; new block] (2B tokens) instead of
+    spec §3.3's separate pass (same cache contents, one forward less per
+    block). With `fused_forward="when_needed"` the batch runs 2B tokens only
+    on forwards where some slot starts a block; slots not starting one run
+    mask tokens at their next block's positions in that half (cache slots
+    nothing sees yet, overwritten by that block's first forward);
+  * after each block a slot whose generated part holds a stop id is finished;
+    so is one whose canvas (ceil((P + G) / B) blocks) is full. Its result is
+    stored, and the next waiting prompt (if any) takes the slot;
+  * logits conventions (spec §2.7, `ModelConfig.logits_convention`): with
+    "same_position" output j gives position j's proposal; with "shifted"
+    output j - 1 does. A block's first position is then predicted by the
+    previous block's last output in the fused [previous ; block] pass (for the
+    first decoded block too, re-running the last prompt block, so a prompt
+    ending on a boundary gets the AR prediction of its last token); that
+    proposal is kept for the block's later steps, whose B-token forwards
+    cannot see it;
+  * sampling keys: step s of a sequence's k-th decoded block draws with
+    fold_in(fold_in(sequence key, k), s) over the block's [B, vocab] logits,
+    so a sequence does not depend on its batch mates or its slot.
 AR mode (plain Qwen3 checkpoints): next-token prediction with the causal mask
-and the same cache, one token per forward.
+and the same cache, one token per slot per forward (key fold_in(key, t)),
+with the same slots and queue.
 
 Static (compile-time) choices are the mode, block length, greedy or sampled,
-top-k, whether top-p is on, max_new_tokens, the number of stop ids, and
-whether the strategy is a staged one (SAID: its stage count too). The
-per-step strategy (a traced index into a `lax.switch`), the step count,
-thresholds, temperature, top-p value and stop ids are traced, so changing
-them does not recompile.
+top-k, whether top-p is on, max_new_tokens, the number of stop ids, the
+fused-forward layout, the slot count, and whether the strategy is a staged
+one (SAID: its stage count too). The per-step strategy (a traced index into
+a `lax.switch`), the step count, thresholds, temperature, top-p value and
+stop ids are traced, so changing them does not recompile.
 """
 
 from __future__ import annotations
@@ -37,6 +59,7 @@ import dataclasses
 import functools
 from typing import Callable, NamedTuple
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +71,7 @@ from sdar_jax.model import transformer
 from sdar_jax.ops.masks import MaskSpec
 
 MODES = ("diffusion", "ar")
+FUSED_FORWARDS = ("when_needed", "always")
 PAD_ID = -1  # fills `DecodeResult.tokens` after each row's length
 
 
@@ -74,6 +98,11 @@ class DecodeConfig:
       said_threshold: optional dynamic threshold inside SAID stages.
       chlg_threshold: tau, CHLG's commit-at-once confidence.
       chlg_extra_steps: CHLG's extra steps for the positions below tau.
+      fused_forward: when the batch runs the 2B-token [previous ; block]
+        forward that writes finished blocks' keys and values: "when_needed"
+        (only on forwards where some row starts a block, B tokens otherwise)
+        or "always" (every forward; rows not starting a block run masks in the
+        first half). Outputs are the same; see docs/benchmarks.md for the cost.
     """
 
     mode: str = "diffusion"
@@ -92,6 +121,7 @@ class DecodeConfig:
     said_threshold: float | None = None
     chlg_threshold: float = 0.8
     chlg_extra_steps: int = 3
+    fused_forward: str = "when_needed"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
@@ -121,6 +151,9 @@ class DecodeConfig:
         if any(i < 0 for i in self.stop_ids):
             raise ValueError(f"DecodeConfig.stop_ids must be token ids >= 0, got {self.stop_ids}")
         _check_int("chlg_extra_steps", self.chlg_extra_steps, 1)
+        if self.fused_forward not in FUSED_FORWARDS:
+            raise ValueError(f"DecodeConfig.fused_forward {self.fused_forward!r} is unknown; "
+                             f"expected one of {FUSED_FORWARDS}")
         if not self.temperature >= 0.0:
             raise ValueError(f"DecodeConfig.temperature must be >= 0, got {self.temperature!r}")
         _check_int("top_k", self.top_k, 0)
@@ -134,9 +167,7 @@ class DecodeConfig:
         """The SAID budget split over stages (said / said_chlg only)."""
         chlg = self.strategy == "said_chlg"
         rec = 1 + self.chlg_extra_steps if chlg else self.said_rec_steps
-        return said.stage_steps(
-            self.block_length, self.said_stages, self.steps, rec, rec_capped=not chlg
-        )
+        return said.stage_steps(self.block_length, self.said_stages, self.steps, rec)
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:
@@ -152,12 +183,15 @@ class DecodeResult(NamedTuple):
     lengths: [batch] int32, valid entries of `tokens`.
     canvas: [batch, canvas_len] int32, prompt and every decoded position.
     num_forwards: [batch] int32, denoising forwards the row took part in (no
-      prefill or cache-commit passes).
+      prefill passes; the fused pass that writes a finished block counts as
+      the new block's first forward).
     num_committed: [batch] int32, positions the row committed.
     tokens_per_forward: [batch] float32, num_committed / num_forwards.
     steps_per_block: [batch, max_blocks] int32, forwards spent on each of the
       row's blocks (0 past its last block); in AR mode one entry per token.
-    batch_forwards: int32 scalar, denoising forwards the batch ran.
+    batch_forwards: int32 scalar, forwards the batch ran (with per-row
+      progress about max(num_forwards); with continuous batching, over the
+      whole prompt list).
     """
 
     tokens: jnp.ndarray
@@ -186,9 +220,11 @@ class _Static(NamedTuple):
     max_new_tokens: int
     said_stages: int
     said_dynamic: bool
+    fused_forward: str
+    num_slots: int
 
 
-def _split(dc: DecodeConfig) -> tuple[_Static, dict[str, jnp.ndarray]]:
+def _split(dc: DecodeConfig, num_slots: int) -> tuple[_Static, dict[str, jnp.ndarray]]:
     """Separates compile-time choices from traced numbers."""
     staged = dc.mode == "diffusion" and dc.strategy in strategies.STAGED_STRATEGIES
     static = _Static(
@@ -202,6 +238,8 @@ def _split(dc: DecodeConfig) -> tuple[_Static, dict[str, jnp.ndarray]]:
         max_new_tokens=dc.max_new_tokens,
         said_stages=dc.said_stages if staged else 1,
         said_dynamic=dc.said_threshold is not None,
+        fused_forward=dc.fused_forward,
+        num_slots=num_slots,
     )
     knobs = dict(
         strategy=jnp.int32(
@@ -241,35 +279,27 @@ def _row_keys(rng: jax.Array, batch: int) -> jax.Array:
     return rng
 
 
-def generate(
-    params: dict,
-    config: ModelConfig,
-    prompt_tokens: jnp.ndarray,
-    prompt_lengths: jnp.ndarray,
-    rng: jax.Array,
-    decode_config: DecodeConfig,
-    stream: Callable[..., None] | None = None,
-) -> DecodeResult:
-    """Decodes a batch of (right-padded) prompts.
+class Hooks(NamedTuple):
+    """Host callbacks run from inside the jitted loop (static: pass the same
+    functions to reuse the compilation).
 
-    Args:
-      params: the model's param pytree.
-      config: the model config.
-      prompt_tokens: [batch, max_prompt] int32, row r valid in [0, P_r).
-      prompt_lengths: [batch] int32 P_r, 1 <= P_r <= max_prompt.
-      rng: one PRNG key (split per row) or [batch] keys (one per sequence, so a
-        sampled sequence does not depend on its batch mates). Unused when
-        greedy.
-      decode_config: the decoding knobs.
-      stream: optional host callback `stream(block_index, block_tokens,
-        block_start, active)` called after each block (each token in AR mode)
-        with [batch, B] tokens, [batch] start positions and [batch] bool rows
-        that decoded it. It is a static argument: pass the same function to
-        reuse the compilation.
-
-    Returns:
-      DecodeResult.
+    stream: `stream(block_index, block_tokens, block_start, done)` after every
+      forward, with [slots] block indices, [slots, B] tokens of each slot's
+      current block, [slots] start positions and [slots] bool slots whose
+      block was completed by this forward (AR: the token index, [slots, 1]
+      tokens, their positions, the slots that produced one).
+    on_finish: `on_finish(items, finished, tokens, lengths, num_forwards,
+      num_committed)` whenever sequences finish: [slots] prompt indices,
+      [slots] bool the slots that finished (only those entries are
+      meaningful), [slots, max_new_tokens] tokens (cut as in DecodeResult),
+      [slots] lengths and counters.
     """
+
+    stream: Callable[..., None] | None = None
+    on_finish: Callable[..., None] | None = None
+
+
+def _check_inputs(config: ModelConfig, prompt_tokens, prompt_lengths, decode_config: DecodeConfig):
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
     prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
     if prompt_tokens.ndim != 2 or prompt_lengths.shape != prompt_tokens.shape[:1]:
@@ -296,20 +326,86 @@ def generate(
             f"{decode_config.max_new_tokens} needs {total} positions, beyond the model's "
             f"max_position_embeddings {config.max_position_embeddings}"
         )
-    static, knobs = _split(decode_config)
-    keys = _row_keys(rng, prompt_tokens.shape[0])
-    return _generate(
-        params, prompt_tokens, prompt_lengths, keys, knobs,
-        config=config, static=static, stream=stream,
-    )
+    return prompt_tokens, prompt_lengths
 
 
-@functools.partial(jax.jit, static_argnames=("config", "static", "stream"))
-def _generate(params, prompt_tokens, prompt_lengths, keys, knobs, *, config, static, stream):
+def generate(
+    params: dict,
+    config: ModelConfig,
+    prompt_tokens: jnp.ndarray,
+    prompt_lengths: jnp.ndarray,
+    rng: jax.Array,
+    decode_config: DecodeConfig,
+    stream: Callable[..., None] | None = None,
+) -> DecodeResult:
+    """Decodes a batch of (right-padded) prompts, each row at its own pace.
+
+    Args:
+      params: the model's param pytree.
+      config: the model config.
+      prompt_tokens: [batch, max_prompt] int32, row r valid in [0, P_r).
+      prompt_lengths: [batch] int32 P_r, 1 <= P_r <= max_prompt.
+      rng: one PRNG key (split per row) or [batch] keys (one per sequence, so a
+        sampled sequence does not depend on its batch mates). Unused when
+        greedy.
+      decode_config: the decoding knobs.
+      stream: optional host callback, see `Hooks.stream`.
+
+    Returns:
+      DecodeResult.
+    """
+    return generate_many(params, config, prompt_tokens, prompt_lengths, rng, decode_config,
+                         num_slots=None, hooks=Hooks(stream=stream))
+
+
+def generate_many(
+    params: dict,
+    config: ModelConfig,
+    prompt_tokens: jnp.ndarray,
+    prompt_lengths: jnp.ndarray,
+    rng: jax.Array,
+    decode_config: DecodeConfig,
+    num_slots: int | None = None,
+    hooks: Hooks = Hooks(),
+) -> DecodeResult:
+    """Decodes a list of prompts with continuous batching, in one jitted call.
+
+    The batch has `num_slots` rows. The first prompts fill them; whenever a
+    row's sequence finishes (stop id or budget), the next waiting prompt is
+    prefilled into that row and decoded while the others go on. Results are
+    per prompt, in input order, each equal to decoding that prompt alone.
+
+    Args:
+      params, config: the model.
+      prompt_tokens: [num_prompts, max_prompt] int32, right-padded.
+      prompt_lengths: [num_prompts] int32 P, 1 <= P <= max_prompt.
+      rng: one PRNG key (split per prompt) or [num_prompts] keys.
+      decode_config: the decoding knobs.
+      num_slots: batch rows (default and at most: num_prompts). Static.
+      hooks: host callbacks (see `Hooks`).
+
+    Returns:
+      DecodeResult over the prompts ([num_prompts, ...]); batch_forwards
+      counts the forwards of the whole run.
+    """
+    prompt_tokens, prompt_lengths = _check_inputs(config, prompt_tokens, prompt_lengths,
+                                                  decode_config)
+    num_items = prompt_tokens.shape[0]
+    num_slots = num_items if num_slots is None else min(num_slots, num_items)
+    if not isinstance(num_slots, (int, np.integer)) or num_slots < 1:
+        raise ValueError(f"num_slots must be an int >= 1, got {num_slots!r}")
+    static, knobs = _split(decode_config, int(num_slots))
+    keys = _row_keys(rng, num_items)
+    return _generate(params, prompt_tokens, prompt_lengths, keys, knobs,
+                     config=config, static=static, hooks=hooks)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "static", "hooks"))
+def _generate(params, prompt_tokens, prompt_lengths, keys, knobs, *, config, static, hooks):
     if static.mode == "ar":
-        return _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, static, stream)
+        return _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, static, hooks)
     return _generate_diffusion(
-        params, prompt_tokens, prompt_lengths, keys, knobs, config, static, stream
+        params, prompt_tokens, prompt_lengths, keys, knobs, config, static, hooks
     )
 
 
@@ -329,22 +425,34 @@ def _is_stop(tokens: jnp.ndarray, stop_ids: jnp.ndarray) -> jnp.ndarray:
     return jnp.any(tokens[..., None] == stop_ids, axis=-1)
 
 
+def _cut(canvas, prompt_lengths, max_new_tokens, stop_ids):
+    """Each row's generated part up to its first stop id: ([n, G] tokens, PAD_ID after; [n] lengths)."""
+    offsets = jnp.arange(max_new_tokens, dtype=jnp.int32)
+    generated = jnp.take_along_axis(canvas, prompt_lengths[:, None] + offsets, axis=1)
+    stops = _is_stop(generated, stop_ids)
+    lengths = jnp.where(stops.any(-1), jnp.argmax(stops, axis=-1) + 1, max_new_tokens)
+    lengths = lengths.astype(jnp.int32)
+    return jnp.where(offsets[None] < lengths[:, None], generated, PAD_ID), lengths
+
+
 def _finish(
     canvas, prompt_lengths, forwards, committed, steps_per_block, batch_forwards, static, stop_ids
 ):
     """Cuts each row's generated part at its first stop id and packs the result."""
-    g = static.max_new_tokens
-    offsets = jnp.arange(g, dtype=jnp.int32)
-    generated = jnp.take_along_axis(canvas, prompt_lengths[:, None] + offsets, axis=1)
-    stops = _is_stop(generated, stop_ids)
-    lengths = jnp.where(stops.any(-1), jnp.argmax(stops, axis=-1) + 1, g).astype(jnp.int32)
-    tokens = jnp.where(offsets[None] < lengths[:, None], generated, PAD_ID)
+    tokens, lengths = _cut(canvas, prompt_lengths, static.max_new_tokens, stop_ids)
     tpf = committed.astype(jnp.float32) / jnp.maximum(forwards, 1).astype(jnp.float32)
     return DecodeResult(
         tokens=tokens, lengths=lengths, canvas=canvas, num_forwards=forwards,
         num_committed=committed, tokens_per_forward=tpf, steps_per_block=steps_per_block,
         batch_forwards=batch_forwards,
     )
+
+
+def _report(on_finish, finished, item, canvas, length, forwards, committed, static, stop_ids):
+    """Hands the sequences finished in `finished` ([slots] bool) to the host."""
+    tokens, lengths = _cut(canvas, length, static.max_new_tokens, stop_ids)
+    jax.debug.callback(on_finish, item, finished, tokens, lengths, forwards, committed,
+                       ordered=True)
 
 
 def _propose(static, knobs, logits, keys):
@@ -357,17 +465,13 @@ def _propose(static, knobs, logits, keys):
 def _select(static, knobs, confidence, entropy, masked, step, stage_done):
     """The strategy's commit mask for one step; updates SAID's per-stage counters."""
     if static.staged is not None:
-        commit, stage = said.said_select(
+        commit, stage_done = said.said_select(
             confidence, masked, stage_done,
             stage_of=said.stage_partition(static.block_length, static.said_stages),
             steps_per_stage=knobs["steps_per_stage"],
             threshold=knobs["said_threshold"] if static.said_dynamic else None,
             chlg_threshold=knobs["chlg_threshold"] if static.staged == "said_chlg" else None,
             chlg_extra_steps=knobs["chlg_extra_steps"],
-        )
-        took_step = masked.any(-1)
-        stage_done = stage_done + (
-            took_step[:, None] & (jnp.arange(static.said_stages)[None] == stage[:, None])
         )
         return commit, stage_done
     count = strategies.step_count(step, knobs["steps"], static.block_length)
@@ -380,165 +484,405 @@ def _select(static, knobs, confidence, entropy, masked, step, stage_done):
     return commit & masked, stage_done
 
 
-def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, config, static, stream):
-    b = static.block_length
-    g = static.max_new_tokens
-    batch, max_prompt = prompt_tokens.shape
+def _said_state(batch: int, static: _Static):
+    """SAID's per-row stage state at the start of a block (opaque to the loop)."""
+    return said.init_stage_state(batch, static.said_stages)
+
+
+def _where_rows(rows: jnp.ndarray, new, old):
+    """Per-row select over pytrees whose leaves have a leading [batch] axis."""
+    return jax.tree.map(
+        lambda n, o: jnp.where(rows.reshape(rows.shape + (1,) * (o.ndim - 1)), n, o), new, old
+    )
+
+
+def _fold_keys(keys: jax.Array, *indices: jnp.ndarray) -> jax.Array:
+    """[batch] keys folded with per-row indices, in order."""
+    for index in indices:
+        keys = jax.vmap(jax.random.fold_in)(keys, index)
+    return keys
+
+
+def _row_cache(cache: transformer.KVCache, slot: jnp.ndarray) -> transformer.KVCache:
+    return jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), cache)
+
+
+def _put_row_cache(cache, row, slot):
+    return jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1), cache, row)
+
+
+@flax.struct.dataclass
+class _Outputs:
+    """Finished sequences, indexed by prompt (queue item).
+
+    canvas: [items, canvas_len]; forwards, committed: [items];
+    steps_per_block: [items, max_blocks].
+    """
+
+    canvas: jnp.ndarray
+    forwards: jnp.ndarray
+    committed: jnp.ndarray
+    steps_per_block: jnp.ndarray
+
+    def store(self, rows: jnp.ndarray, item: jnp.ndarray, canvas, forwards, committed, steps):
+        """Writes the slots in `rows` ([slots] bool) at their items (others are dropped)."""
+        where = jnp.where(rows, item, self.canvas.shape[0])  # out of range: the write is dropped
+        return _Outputs(
+            canvas=self.canvas.at[where].set(canvas, mode="drop"),
+            forwards=self.forwards.at[where].set(forwards, mode="drop"),
+            committed=self.committed.at[where].set(committed, mode="drop"),
+            steps_per_block=self.steps_per_block.at[where].set(steps, mode="drop"),
+        )
+
+
+def _run_queue(state, forward_fn, admit_fn, counters_fn, hooks, static, stop_ids, num_items):
+    """The loop shared by both modes: one forward for every slot per iteration
+    until all slots are done; after a forward that finished sequences, their
+    results are stored (and reported) and waiting prompts take their slots.
+
+    Args:
+      state: a loop state with canvas, length, item, done, next_item, outputs.
+      forward_fn: state -> state, one forward for every slot.
+      admit_fn: state -> state, the next prompt into the first empty slot.
+      counters_fn: state -> (forwards, committed, steps_per_block) per slot.
+    """
+
+    def refill(st, finished):
+        forwards, committed, steps = counters_fn(st)
+        if hooks.on_finish is not None:
+            _report(hooks.on_finish, finished, st.item, st.canvas, st.length, forwards, committed,
+                    static, stop_ids)
+        st = st.replace(
+            outputs=st.outputs.store(finished, st.item, st.canvas, forwards, committed, steps),
+            item=jnp.where(finished, num_items, st.item),
+        )
+        if num_items == static.num_slots:  # nothing waits: no prefill in the loop
+            return st
+        return jax.lax.while_loop(
+            lambda st: (st.next_item < num_items) & jnp.any(st.item >= num_items), admit_fn, st
+        )
+
+    def body(st):
+        was_done = st.done
+        st = forward_fn(st)
+        finished = st.done & ~was_done
+        return jax.lax.cond(jnp.any(finished), refill, lambda st, _: st, st, finished)
+
+    return jax.lax.while_loop(lambda st: ~jnp.all(st.done), body, state)
+
+
+def _fresh_canvas(prompt_tokens, prompt_lengths, items, canvas_len, fill):
+    """[n, canvas_len] canvases of the prompts `items` ([n]) then `fill`, and [n] lengths."""
+    length = prompt_lengths[items]
+    padded = jnp.pad(prompt_tokens[items], ((0, 0), (0, canvas_len - prompt_tokens.shape[1])))
+    pos = jnp.arange(canvas_len, dtype=jnp.int32)
+    return jnp.where(pos[None] < length[:, None], padded, fill), length
+
+
+def _prefill(config, params, canvas, cache, length, mask):
+    """Writes the keys and values of every row's first `length` canvas positions."""
+    if not length:
+        return cache
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (canvas.shape[0], length))
+    _, cache = _forward(config, params, canvas[:, :length], positions, mask, cache, (0, 0))
+    return cache
+
+
+def _take_free_slot(st, fresh, prefill):
+    """The next waiting prompt into the first free slot: its canvas, length and
+    prefilled cache row. Returns (one-hot [slots] of the slot, item, canvas
+    [1, canvas_len], length [1], cache)."""
+    slot = jnp.argmax(st.item >= st.outputs.forwards.shape[0])
+    item = st.next_item
+    canvas, length = fresh(item[None])
+    cache = _put_row_cache(st.cache, prefill(canvas, _row_cache(st.cache, slot)), slot)
+    return jnp.arange(st.item.shape[0]) == slot, item, canvas, length, cache
+
+
+def _empty_outputs(num_items: int, canvas_len: int, max_blocks: int) -> _Outputs:
+    return _Outputs(
+        canvas=jnp.zeros((num_items, canvas_len), jnp.int32),
+        forwards=jnp.zeros((num_items,), jnp.int32),
+        committed=jnp.zeros((num_items,), jnp.int32),
+        steps_per_block=jnp.zeros((num_items, max_blocks), jnp.int32),
+    )
+
+
+@flax.struct.dataclass
+class _DiffusionState:
+    """The diffusion loop's state: one slot per batch row, each at its own block and step.
+
+    canvas: [slots, canvas_len] the slot's prompt and every committed token
+      (masks elsewhere).
+    cache: the KV cache, [layers, slots, canvas_len, kv_heads, head_dim].
+    item: [slots] index of the prompt in the slot (num_items: none).
+    length: [slots] its prompt length P.
+    block: [slots] index k of the slot's current decoded block.
+    step: [slots] forwards spent on that block so far.
+    masked: [slots, B] the block's still-masked positions.
+    said: SAID's per-row stage state (staged strategies).
+    first: position 0's proposal (token, confidence, entropy), each [slots],
+      drawn at the block's first step (kept under the shifted convention).
+    done: [slots] the slot's sequence is finished (stop id or full canvas).
+    forwards, committed: [slots] per-sequence counters.
+    steps_per_block: [slots, max_blocks].
+    next_item: scalar, the first prompt not yet given a slot.
+    batch_forwards: scalar, forwards the batch ran.
+    outputs: the finished sequences.
+    """
+
+    canvas: jnp.ndarray
+    cache: transformer.KVCache
+    item: jnp.ndarray
+    length: jnp.ndarray
+    block: jnp.ndarray
+    step: jnp.ndarray
+    masked: jnp.ndarray
+    said: said.StageState
+    first: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]
+    done: jnp.ndarray
+    forwards: jnp.ndarray
+    committed: jnp.ndarray
+    steps_per_block: jnp.ndarray
+    next_item: jnp.ndarray
+    batch_forwards: jnp.ndarray
+    outputs: _Outputs
+
+
+def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, config, static, hooks):
+    """Block diffusion over a queue of prompts with `static.num_slots` slots (see module doc)."""
+    b, g, slots = static.block_length, static.max_new_tokens, static.num_slots
+    shifted = config.logits_convention == "shifted"
+    num_items, max_prompt = prompt_tokens.shape
     canvas_len = -(-(max_prompt + g) // b) * b
     max_blocks = min(-(-g // b) + 1, canvas_len // b)
     mask_id = config.mask_token_id
     block_mask = MaskSpec("block_causal", b)
     offsets = jnp.arange(b, dtype=jnp.int32)
-
-    pos = jnp.arange(canvas_len, dtype=jnp.int32)
-    padded = jnp.pad(prompt_tokens, ((0, 0), (0, canvas_len - max_prompt)))
-    canvas = jnp.where(pos[None] < prompt_lengths[:, None], padded, mask_id)
-    first_start = (prompt_lengths // b) * b
-    num_blocks = (-(-(prompt_lengths + g) // b) * b - first_start) // b
-
-    cache = parallel.constrain_cache(transformer.init_cache(config, batch, canvas_len))
     prefill_len = (max_prompt // b) * b
-    if prefill_len:
-        # Rows' positions past their own whole blocks hold junk here; each block's
-        # first forward overwrites its slots before attending, and the block-causal
-        # mask hides later slots.
-        prefill_pos = jnp.broadcast_to(pos[:prefill_len], (batch, prefill_len))
-        _, cache = _forward(
-            config, params, canvas[:, :prefill_len], prefill_pos, block_mask, cache, (0, 0)
+    rows = jnp.arange(slots)
+
+    def fresh_canvas(items):
+        return _fresh_canvas(prompt_tokens, prompt_lengths, items, canvas_len, mask_id)
+
+    def prefill(canvas, cache):
+        # Positions past a row's own whole blocks hold junk here; each block's
+        # first forward overwrites its slots before attending, and the
+        # block-causal mask hides later slots.
+        return _prefill(config, params, canvas, cache, prefill_len, block_mask)
+
+    def first_start(length):
+        return (length // b) * b
+
+    def num_blocks(length):
+        return (-(-(length + g) // b) * b - first_start(length)) // b
+
+    def first_masked(length):
+        return (first_start(length)[:, None] + offsets[None]) >= length[:, None]
+
+    # ---- one forward for every slot -----------------------------------------------------------
+    def forward(st, positions, starting):
+        """Logits [slots, B, vocab] of the slots' blocks, writing finished blocks' K/V."""
+        tokens = jnp.take_along_axis(st.canvas, positions, axis=1)
+        # Shifted: a block's position 0 is predicted only by the pass that
+        # writes the previous block (for the first block, its prompt block).
+        has_previous = positions[:, 0] >= b
+        writes_previous = starting & has_previous & ((st.block > 0) | shifted)
+        # Slots not writing a previous block run mask tokens at their next
+        # block's positions in the first half: slots no query of theirs sees
+        # yet, overwritten by that block's first forward (dropped past the end).
+        first_positions = jnp.where(writes_previous[:, None], positions - b, positions + b)
+        first_tokens = jnp.where(
+            writes_previous[:, None],
+            jnp.take_along_axis(st.canvas, jnp.minimum(first_positions, canvas_len - 1), axis=1),
+            mask_id,
         )
 
-    def block_body(state):
-        k, canvas, cache, finished, forwards, committed, steps_per_block, batch_forwards = state
-        active = ~finished
-        start = jnp.minimum(first_start + k * b, canvas_len - b)
+        def fused(cache):
+            both = jnp.concatenate([first_positions, positions], axis=1)
+            head = (b - 1, 2 * b - 1) if shifted else (b, 2 * b)
+            return _forward(config, params, jnp.concatenate([first_tokens, tokens], axis=1), both,
+                            block_mask, cache, head)
+
+        def plain(cache):
+            if not shifted:
+                return _forward(config, params, tokens, positions, block_mask, cache)
+            logits, cache = _forward(config, params, tokens, positions, block_mask, cache, (0, b - 1))
+            placeholder = jnp.zeros((slots, 1, logits.shape[-1]), logits.dtype)  # position 0: kept
+            return jnp.concatenate([placeholder, logits], axis=1), cache
+
+        if static.fused_forward == "always":
+            return fused(st.cache)
+        return jax.lax.cond(jnp.any(writes_previous), fused, plain, st.cache)
+
+    def denoise(st):
+        """One forward for every slot: proposals, commits, finished blocks and sequences."""
+        active = ~st.done
+        start = jnp.minimum(first_start(st.length) + st.block * b, canvas_len - b)
         positions = start[:, None] + offsets[None]
-        block = jnp.take_along_axis(canvas, positions, axis=1)
-        masked0 = active[:, None] & (positions >= prompt_lengths[:, None])
-        block = jnp.where(masked0, mask_id, block)
-        block_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, k)
-        previous_positions = jnp.maximum(positions - b, 0)
-        previous_block = jnp.take_along_axis(canvas, previous_positions, axis=1)
-
-        def denoise(block, cache):
-            return _forward(config, params, block, positions, block_mask, cache)
-
-        def commit_previous_and_denoise(block, cache):
-            # [previous block ; this block] in one call. The previous (finished)
-            # block's queries see exactly what a separate commit pass would show
-            # them (the past and their own block), so its keys and values are the
-            # ones spec §3.3's extra pass writes; this block then attends to them.
-            tokens = jnp.concatenate([previous_block, block], axis=1)
-            both = jnp.concatenate([previous_positions, positions], axis=1)
-            return _forward(config, params, tokens, both, block_mask, cache, (b, 2 * b))
-
-        def step_cond(inner):
-            s, _, masked, *_ = inner
-            return (s < b) & jnp.any(masked)
-
-        def step_body(inner):
-            s, block, masked, cache, stage_done, block_forwards, n_committed = inner
-            logits, cache = jax.lax.cond(
-                (s == 0) & (k > 0), commit_previous_and_denoise, denoise, block, cache
+        starting = active & (st.step == 0)
+        logits, cache = forward(st, positions, starting)
+        item_keys = keys[jnp.minimum(st.item, num_items - 1)]
+        step_keys = _fold_keys(item_keys, st.block, st.step)
+        proposals, confidence, entropy = _propose(static, knobs, logits, step_keys)
+        first = _where_rows(starting, (proposals[:, 0], confidence[:, 0], entropy[:, 0]), st.first)
+        if shifted:
+            proposals, confidence, entropy = (
+                x.at[:, 0].set(f) for x, f in zip((proposals, confidence, entropy), first)
             )
-            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(block_keys, s)
-            proposals, confidence, entropy = _propose(static, knobs, logits, step_keys)
-            commit, stage_done = _select(static, knobs, confidence, entropy, masked, s, stage_done)
-            took_step = masked.any(-1)
-            return (
-                s + 1,
-                jnp.where(commit, proposals, block),
-                masked & ~commit,
-                cache,
-                stage_done,
-                block_forwards + took_step,
-                n_committed + commit.sum(-1),
-            )
+        said_state = said.reset_rows(st.said, starting)
+        masked = st.masked & active[:, None]
+        commit, said_state = _select(
+            static, knobs, confidence, entropy, masked, st.step, said_state
+        )
+        block = jnp.where(commit, proposals, jnp.take_along_axis(st.canvas, positions, axis=1))
+        canvas = st.canvas.at[rows[:, None], positions].set(block)
+        masked = masked & ~commit
+        step = st.step + active
 
-        zeros = jnp.zeros((batch,), jnp.int32)
-        inner = (
-            jnp.int32(0), block, masked0, cache,
-            jnp.zeros((batch, static.said_stages), jnp.int32), zeros, zeros,
-        )
-        s, block, _, cache, _, block_forwards, n_committed = jax.lax.while_loop(
-            step_cond, step_body, inner
-        )
-        rows = jnp.arange(batch)[:, None]
-        canvas = canvas.at[rows, positions].set(block)
-        generated = (positions >= prompt_lengths[:, None]) & (
-            positions < (prompt_lengths + g)[:, None]
-        )
+        block_done = active & ~masked.any(-1)
+        generated = (positions >= st.length[:, None]) & (positions < (st.length + g)[:, None])
         stopped = jnp.any(_is_stop(block, knobs["stop_ids"]) & generated, axis=-1)
-        if stream is not None:
-            jax.debug.callback(stream, k, block, start, active, ordered=True)
-        finished = finished | (active & (stopped | (k + 1 >= num_blocks)))
-        steps_per_block = steps_per_block.at[:, k].set(block_forwards)
-        return (
-            k + 1, canvas, cache, finished, forwards + block_forwards, committed + n_committed,
-            steps_per_block, batch_forwards + s,
+        finishing = block_done & (stopped | (st.block + 1 >= num_blocks(st.length)))
+        advance = block_done & ~finishing
+        if hooks.stream is not None:
+            jax.debug.callback(hooks.stream, st.block, block, start, block_done, ordered=True)
+        return st.replace(
+            canvas=canvas,
+            cache=cache,
+            block=st.block + advance,
+            step=jnp.where(advance, 0, step),
+            masked=masked | advance[:, None],  # blocks after the first are all masks
+            said=said_state,
+            first=first,
+            done=st.done | finishing,
+            forwards=st.forwards + active,
+            committed=st.committed + commit.sum(-1),
+            steps_per_block=st.steps_per_block.at[rows, st.block].set(
+                jnp.where(block_done, step, st.steps_per_block[rows, st.block])),
+            batch_forwards=st.batch_forwards + 1,
         )
 
-    def block_cond(state):
-        k, _, _, finished, *_ = state
-        return (k < max_blocks) & ~jnp.all(finished)
+    # ---- a waiting prompt into a free slot --------------------------------------------------
+    def admit(st):
+        one, item, canvas, length, cache = _take_free_slot(st, fresh_canvas, prefill)
+        return st.replace(
+            canvas=jnp.where(one[:, None], canvas, st.canvas),
+            cache=cache,
+            item=jnp.where(one, item, st.item),
+            length=jnp.where(one, length, st.length),
+            block=jnp.where(one, 0, st.block),
+            step=jnp.where(one, 0, st.step),
+            masked=jnp.where(one[:, None], first_masked(length), st.masked),
+            done=st.done & ~one,
+            forwards=jnp.where(one, 0, st.forwards),
+            committed=jnp.where(one, 0, st.committed),
+            steps_per_block=jnp.where(one[:, None], 0, st.steps_per_block),
+            next_item=item + 1,
+        )
 
-    zeros = jnp.zeros((batch,), jnp.int32)
-    state = (
-        jnp.int32(0), canvas, cache, jnp.zeros((batch,), bool), zeros, zeros,
-        jnp.zeros((batch, max_blocks), jnp.int32), jnp.int32(0),
+    # ---- the first prompts fill the slots in one prefill ------------------------------------
+    canvas, length = fresh_canvas(rows)
+    cache = parallel.constrain_cache(transformer.init_cache(config, slots, canvas_len))
+    zeros = jnp.zeros((slots,), jnp.int32)
+    state = _DiffusionState(
+        canvas=canvas, cache=prefill(canvas, cache), item=rows.astype(jnp.int32), length=length,
+        block=zeros, step=zeros, masked=first_masked(length), said=_said_state(slots, static),
+        first=(zeros, zeros.astype(jnp.float32), zeros.astype(jnp.float32)),
+        done=jnp.zeros((slots,), bool), forwards=zeros, committed=zeros,
+        steps_per_block=jnp.zeros((slots, max_blocks), jnp.int32),
+        next_item=jnp.int32(slots), batch_forwards=jnp.int32(0),
+        outputs=_empty_outputs(num_items, canvas_len, max_blocks),
     )
-    _, canvas, _, _, forwards, committed, steps_per_block, batch_forwards = jax.lax.while_loop(
-        block_cond, block_body, state
+    state = _run_queue(
+        state, denoise, admit, lambda st: (st.forwards, st.committed, st.steps_per_block),
+        hooks, static, knobs["stop_ids"], num_items,
     )
-    return _finish(
-        canvas, prompt_lengths, forwards, committed, steps_per_block, batch_forwards, static,
-        knobs["stop_ids"],
-    )
+    out = state.outputs
+    return _finish(out.canvas, prompt_lengths, out.forwards, out.committed, out.steps_per_block,
+                   state.batch_forwards, static, knobs["stop_ids"])
 
 
-def _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, static, stream):
-    g = static.max_new_tokens
-    batch, max_prompt = prompt_tokens.shape
+@flax.struct.dataclass
+class _ARState:
+    """The AR loop's state: one slot per batch row, each at its own token.
+
+    canvas: [slots, canvas_len] prompt then generated tokens; cache: the KV
+    cache; item, length: the slot's prompt and its P; t: [slots] tokens
+    generated so far; done, forwards: [slots]; next_item, batch_forwards:
+    scalars; outputs: the finished sequences.
+    """
+
+    canvas: jnp.ndarray
+    cache: transformer.KVCache
+    item: jnp.ndarray
+    length: jnp.ndarray
+    t: jnp.ndarray
+    done: jnp.ndarray
+    forwards: jnp.ndarray
+    next_item: jnp.ndarray
+    batch_forwards: jnp.ndarray
+    outputs: _Outputs
+
+
+def _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, static, hooks):
+    """Next-token decoding over a queue of prompts with `static.num_slots` slots."""
+    g, slots = static.max_new_tokens, static.num_slots
+    num_items, max_prompt = prompt_tokens.shape
     canvas_len = max_prompt + g
     causal = MaskSpec("causal")
-    pos = jnp.arange(canvas_len, dtype=jnp.int32)
-    canvas = jnp.pad(prompt_tokens, ((0, 0), (0, g)))
-    canvas = jnp.where(pos[None] < prompt_lengths[:, None], canvas, 0)
-
-    cache = parallel.constrain_cache(transformer.init_cache(config, batch, canvas_len))
     prefill_len = max_prompt - 1
-    if prefill_len:
+    rows = jnp.arange(slots)
+
+    def fresh_canvas(items):
+        return _fresh_canvas(prompt_tokens, prompt_lengths, items, canvas_len, 0)
+
+    def prefill(canvas, cache):
         # Positions at or past a row's last prompt token are rewritten before use.
-        prefill_pos = jnp.broadcast_to(pos[:prefill_len], (batch, prefill_len))
-        _, cache = _forward(
-            config, params, canvas[:, :prefill_len], prefill_pos, causal, cache, (0, 0)
+        return _prefill(config, params, canvas, cache, prefill_len, causal)
+
+    def step(st):
+        """One token for every slot."""
+        active = ~st.done
+        last = jnp.minimum(st.length - 1 + st.t, canvas_len - 2)
+        logits, cache = _forward(config, params, st.canvas[rows, last][:, None], last[:, None],
+                                 causal, st.cache)
+        step_keys = _fold_keys(keys[jnp.minimum(st.item, num_items - 1)], st.t)
+        proposal = _propose(static, knobs, logits, step_keys)[0][:, 0]
+        canvas = st.canvas.at[rows, last + 1].set(
+            jnp.where(active, proposal, st.canvas[rows, last + 1]))
+        if hooks.stream is not None:
+            jax.debug.callback(hooks.stream, st.t, proposal[:, None], last + 1, active, ordered=True)
+        finishing = active & (_is_stop(proposal, knobs["stop_ids"]) | (st.t + 1 >= g))
+        return st.replace(
+            canvas=canvas, cache=cache, t=st.t + active, done=st.done | finishing,
+            forwards=st.forwards + active, batch_forwards=st.batch_forwards + 1,
         )
 
-    rows = jnp.arange(batch)
+    def admit(st):
+        one, item, canvas, length, cache = _take_free_slot(st, fresh_canvas, prefill)
+        return st.replace(
+            canvas=jnp.where(one[:, None], canvas, st.canvas), cache=cache,
+            item=jnp.where(one, item, st.item), length=jnp.where(one, length, st.length),
+            t=jnp.where(one, 0, st.t), done=st.done & ~one, forwards=jnp.where(one, 0, st.forwards),
+            next_item=item + 1,
+        )
 
-    def body(state):
-        t, canvas, cache, finished, forwards, steps_per_token = state
-        active = ~finished
-        last = jnp.minimum(prompt_lengths - 1 + t, canvas_len - 2)  # [batch]
-        tokens = canvas[rows, last][:, None]
-        logits, cache = _forward(config, params, tokens, last[:, None], causal, cache)
-        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, t)
-        proposal, _, _ = _propose(static, knobs, logits, step_keys)
-        proposal = proposal[:, 0]
-        canvas = canvas.at[rows, last + 1].set(jnp.where(active, proposal, canvas[rows, last + 1]))
-        stopped = active & _is_stop(proposal, knobs["stop_ids"])
-        if stream is not None:
-            jax.debug.callback(stream, t, proposal[:, None], last + 1, active, ordered=True)
-        finished = finished | stopped | (active & (t + 1 >= g))
-        steps_per_token = steps_per_token.at[:, t].set(active.astype(jnp.int32))
-        return t + 1, canvas, cache, finished, forwards + active, steps_per_token
-
-    def cond(state):
-        t, _, _, finished, *_ = state
-        return (t < g) & ~jnp.all(finished)
-
-    zeros = jnp.zeros((batch,), jnp.int32)
-    state = (jnp.int32(0), canvas, cache, jnp.zeros((batch,), bool), zeros, jnp.zeros((batch, g), jnp.int32))
-    t, canvas, _, _, forwards, steps_per_token = jax.lax.while_loop(cond, body, state)
-    return _finish(
-        canvas, prompt_lengths, forwards, forwards, steps_per_token, t, static, knobs["stop_ids"]
+    canvas, length = fresh_canvas(rows)
+    cache = parallel.constrain_cache(transformer.init_cache(config, slots, canvas_len))
+    zeros = jnp.zeros((slots,), jnp.int32)
+    state = _ARState(
+        canvas=canvas, cache=prefill(canvas, cache), item=rows.astype(jnp.int32), length=length,
+        t=zeros, done=jnp.zeros((slots,), bool), forwards=zeros, next_item=jnp.int32(slots),
+        batch_forwards=jnp.int32(0),
+        outputs=_empty_outputs(num_items, canvas_len, g),
     )
+
+    def counters(st):
+        steps_per_token = (jnp.arange(g)[None] < st.forwards[:, None]).astype(jnp.int32)
+        return st.forwards, st.forwards, steps_per_token
+
+    state = _run_queue(state, step, admit, counters, hooks, static, knobs["stop_ids"], num_items)
+    out = state.outputs
+    return _finish(out.canvas, prompt_lengths, out.forwards, out.committed, out.steps_per_block,
+                   state.batch_forwards, static, knobs["stop_ids"])

@@ -56,6 +56,12 @@ def token_cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.
     return ce, correct
 
 
+def logits_token_ce(out: Any, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The default `token_ce`: `token_cross_entropy` of the model output's logits. Pass
+    `sdar_jax.model.head.chunked_token_ce(...)` instead to never form whole-row float32 logits."""
+    return token_cross_entropy(out.logits, targets)
+
+
 def _safe_div(num: jnp.ndarray, den: jnp.ndarray) -> jnp.ndarray:
     return num / jnp.maximum(den, 1).astype(jnp.float32)
 
@@ -71,6 +77,7 @@ def sdar_loss(
     normalization: Normalization = "non_prompt",
     eps: float = DEFAULT_EPS,
     max_tries: int = DEFAULT_MAX_TRIES,
+    token_ce: Callable[[Any, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]] = logits_token_ce,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """The SDAR objective: masked-token CE weighted by 1/p over the `[xt ; x0]` row.
 
@@ -91,6 +98,7 @@ def sdar_loss(
       normalization: "non_prompt" or "masked".
       eps: noise-level floor.
       max_tries: draws per segment before forcing one masked token.
+      token_ce: (model output, targets [batch, seq]) -> (ce, correct), both [batch, seq].
 
     Returns:
       (loss, metrics): loss is a float32 scalar; metrics holds float32/int32
@@ -118,7 +126,7 @@ def sdar_loss(
         mask=MaskSpec("block_diffusion", block_size), segment_ids=segment_ids,
         logits_slice=(0, seq),
     )
-    ce, correct = token_cross_entropy(out.logits, x0)
+    ce, correct = token_ce(out, x0)
     masked = noised.masked
     num_masked = masked.sum(dtype=jnp.int32)
     num_loss_tokens = loss_mask.sum(dtype=jnp.int32)
@@ -153,7 +161,8 @@ def ar_targets(batch: Mapping[str, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarr
 
 
 def ar_loss(
-    apply_fn: ApplyFn, params: Any, batch: Mapping[str, jnp.ndarray]
+    apply_fn: ApplyFn, params: Any, batch: Mapping[str, jnp.ndarray],
+    token_ce: Callable[[Any, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]] = logits_token_ce,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """The autoregressive baseline: causal mask, next-token CE within each segment.
 
@@ -161,6 +170,7 @@ def ar_loss(
       apply_fn: the model function (see the module docstring).
       params: the model parameters.
       batch: the shared batch dict ([batch, L] arrays).
+      token_ce: as in `sdar_loss`.
 
     Returns:
       (loss, metrics): loss is the mean CE over valid targets (see
@@ -176,7 +186,7 @@ def ar_loss(
         mask=MaskSpec("causal"), segment_ids=batch["segment_ids"], logits_slice=(0, seq - 1),
     )
     targets, valid = ar_targets(batch)
-    ce, correct = token_cross_entropy(out.logits, targets)
+    ce, correct = token_ce(out, targets)
     num_targets = valid.sum(dtype=jnp.int32)
     ce_sum = jnp.sum(jnp.where(valid, ce, 0.0))
     loss = _safe_div(ce_sum, num_targets)

@@ -9,7 +9,18 @@ they are equal (what majority voting groups by).
   trailing period are dropped and whitespace runs collapsed. Two numbers are
   equal when their decimal values are (`42.0 == 42`), anything else compares
   as text (so a sorted list `1 3 5` works too).
-- "math": the content of the last `\\boxed{...}` / `\\fbox{...}` (nested
+- "gsm8k_strict" / "gsm8k_flexible": lm-evaluation-harness's GSM8K rules
+  `strict-match` (the first `#### <number>`) and `flexible-extract` (the last
+  number-like run of the text), compared as its `exact_match` metric does:
+  `,`, `$`, everything up to the last `#### ` and a final `.` removed from both
+  sides, case ignored, then string equality (so `18.00` is not `18`).
+- "math": the content of the last box (as "math_hendrycks" below, a trailing
+  period dropped), judged by HF's `math-verify` (the box content of each side
+  parsed to SymPy, then `verify(reference, prediction)`: numeric, symbolic,
+  set, interval and equation equivalence, units and `\\text{}` dropped).
+  Where math-verify parses nothing on either side, or is not installed (a
+  warning says so), the comparison is "math_hendrycks".
+- "math_hendrycks": the content of the last `\\boxed{...}` / `\\fbox{...}` (nested
   braces, or the `\\boxed 5` form), normalised by Hendrycks et al.'s
   `_strip_string` from the MATH release (`\\dfrac`/`\\tfrac` -> `\\frac`,
   `\\frac12` -> `\\frac{1}{2}`, `0.5` -> `\\frac{1}{2}`, `a/b` ->
@@ -24,9 +35,23 @@ they are equal (what majority voting groups by).
 from __future__ import annotations
 
 import decimal
+import functools
+import importlib
 import re
+import threading
+import types
+import warnings
 
-STYLES = ("gsm8k", "math", "exact")
+STYLES = ("gsm8k", "gsm8k_strict", "gsm8k_flexible", "math", "math_hendrycks", "exact")
+MATH_STYLES = ("math", "math_hendrycks")
+# The `regex` filters of lm-evaluation-harness's gsm8k task (lm_eval/tasks/gsm8k/gsm8k.yaml).
+GSM8K_STRICT_PATTERN = re.compile(r"#### (\-?[0-9\.\,]+)")
+GSM8K_FLEXIBLE_PATTERN = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+# That task's exact_match `regexes_to_ignore`, applied in this order (then case is ignored).
+GSM8K_IGNORED = tuple(re.compile(p) for p in (",", "\\$", "(?s).*#### ", "\\.$"))
+# Per parse / comparison. math-verify's own default is 5 s; a loaded machine can spend that on a
+# symbolic simplification, and a timeout grades the answer wrong, so wait longer.
+MATH_VERIFY_TIMEOUT_SECONDS = 30
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -190,6 +215,86 @@ def _as_number(answer: str) -> decimal.Decimal | None:
     return value if value.is_finite() else None
 
 
+# ---- GSM8K, lm-evaluation-harness's rules --------------------------------------------------
+
+def extract_gsm8k_strict(text: str) -> str | None:
+    """lm-eval's `strict-match`: the number after the first `#### ` (None when there is none)."""
+    match = GSM8K_STRICT_PATTERN.search(text)
+    return match.group(1).strip() if match else None
+
+
+def extract_gsm8k_flexible(text: str) -> str | None:
+    """lm-eval's `flexible-extract`: the last number-like run (`$1,234.` counts), else None."""
+    found = GSM8K_FLEXIBLE_PATTERN.findall(text)
+    if not found:
+        return None
+    groups = [g for g in found[-1] if g]
+    return groups[0].strip() if groups else None
+
+
+def gsm8k_exact_match_key(answer: str) -> str:
+    """lm-eval's gsm8k `exact_match` normalisation: its ignored regexes removed, lower case."""
+    for pattern in GSM8K_IGNORED:
+        answer = pattern.sub("", answer)
+    return answer.lower()
+
+
+# ---- MATH: math-verify ----------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _math_verify() -> types.ModuleType | None:
+    try:
+        return importlib.import_module("math_verify")
+    except ImportError:
+        return None
+
+
+def math_verify_available() -> bool:
+    """Whether HF's `math-verify` package can be imported."""
+    return _math_verify() is not None
+
+
+def _drop_final_period(answer: str) -> str:
+    answer = answer.strip()
+    return answer[:-1].rstrip() if answer.endswith(".") else answer
+
+
+def math_verify_equiv(prediction: str, reference: str) -> bool | None:
+    """math-verify's judgement of two box contents; None when it cannot judge.
+
+    Each side is parsed as `\\boxed{...}` (so math-verify reads exactly that
+    content) and `verify(reference, prediction)` decides (it is not symmetric:
+    an assignment `x = 3` in the reference accepts `3`). None when math-verify
+    is not installed or parses nothing on either side. Its timeouts use
+    SIGALRM, which works only in the main thread; elsewhere they are off.
+    """
+    mv = _math_verify()
+    if mv is None:
+        return None
+    timeout = (MATH_VERIFY_TIMEOUT_SECONDS
+               if threading.current_thread() is threading.main_thread() else None)
+    config = [mv.LatexExtractionConfig(boxed_match_priority=0)]
+    parsed = [mv.parse(f"\\boxed{{{_drop_final_period(a)}}}", extraction_config=config,
+                       parsing_timeout=timeout) for a in (reference, prediction)]
+    if not parsed[0] or not parsed[1]:
+        return None
+    return bool(mv.verify(parsed[0], parsed[1], timeout_seconds=timeout))
+
+
+def math_grade(prediction: str | None, reference: str | None) -> bool:
+    """Style "math": math-verify on two box contents, Hendrycks' `math_equiv` where it cannot judge."""
+    if prediction is None or reference is None:
+        return False
+    verdict = math_verify_equiv(prediction, reference)
+    if verdict is not None:
+        return verdict
+    if not math_verify_available():
+        warnings.warn("math-verify is not installed: style 'math' compares answers with "
+                      "Hendrycks' MATH normaliser instead (pip install math-verify==0.9.0)",
+                      stacklevel=2)
+    return math_equiv(_drop_final_period(prediction), _drop_final_period(reference))
+
+
 # ---- entry points ---------------------------------------------------------------------------
 
 def _check_style(style: str) -> None:
@@ -202,7 +307,11 @@ def extract_answer(text: str, style: str) -> str | None:
     _check_style(style)
     if style == "gsm8k":
         return extract_gsm8k(text)
-    if style == "math":
+    if style == "gsm8k_strict":
+        return extract_gsm8k_strict(text)
+    if style == "gsm8k_flexible":
+        return extract_gsm8k_flexible(text)
+    if style in MATH_STYLES:
         return last_boxed(text)
     return _collapse(text)
 
@@ -212,7 +321,9 @@ def _reference(reference: str, style: str) -> str | None:
         if "####" in reference or "\\boxed" in reference:
             return extract_gsm8k(reference)
         return _clean_gsm8k(reference) or None
-    if style == "math":
+    if style in ("gsm8k_strict", "gsm8k_flexible"):
+        return reference  # lm-eval's normalisation drops a full solution's working
+    if style in MATH_STYLES:
         boxed = last_boxed(reference)
         return boxed if boxed is not None else reference.strip()
     return _collapse(reference)
@@ -226,7 +337,10 @@ def answer_key(answer: str | None, style: str) -> str | None:
     compares only with raw text.
 
     gsm8k: a number's normalised decimal (`42.50` -> `42.5`), else the cleaned
-    text; math: `normalize_math`; exact: whitespace-collapsed text.
+    text; gsm8k_strict / gsm8k_flexible: `gsm8k_exact_match_key`; math,
+    math_hendrycks: `normalize_math` (for math this groups answers
+    math-verify may still judge equal, e.g. `0.25` and `\\frac{1}{4}`); exact:
+    whitespace-collapsed text.
     """
     _check_style(style)
     if answer is None:
@@ -236,8 +350,10 @@ def answer_key(answer: str | None, style: str) -> str | None:
         if number is None:
             return answer
         return format(number.normalize(), "f") if number != 0 else "0"
-    if style == "math":
-        return normalize_math(answer)
+    if style in ("gsm8k_strict", "gsm8k_flexible"):
+        return gsm8k_exact_match_key(answer)
+    if style in MATH_STYLES:
+        return normalize_math(_drop_final_period(answer) if style == "math" else answer)
     return _collapse(answer)
 
 
@@ -253,5 +369,7 @@ def is_correct(prediction_text: str, reference_answer: str, style: str) -> bool:
     if predicted is None or reference is None:
         return False
     if style == "math":
+        return math_grade(predicted, reference)
+    if style == "math_hendrycks":
         return math_equiv(predicted, reference)
     return answer_key(predicted, style) == answer_key(reference, style)

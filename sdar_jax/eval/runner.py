@@ -7,30 +7,35 @@ The flow, host side around one jitted decoder call per batch:
 2. `encode_prompts`: token ids, optionally through the tokenizer's chat
    template (one user turn plus the assistant generation prompt).
 3. `plan_batches`: every (example, sample) row goes to the smallest of a few
-   padded prompt-length buckets (`bucket_boundaries`); each bucket has one
-   batch shape, so the decoder compiles once per bucket (and not again when
-   only traced knobs such as the threshold change).
-4. `decode_plan`: `sdar_jax.decode.decoder.generate` on each batch, with one
-   PRNG key per (example, sample) so a sample does not depend on its batch
-   mates; wall time is measured per batch and JAX's compile time (from
+   padded prompt-length buckets (`bucket_boundaries`); a bucket is one
+   decoder call with one shape, so the decoder compiles once per bucket (and
+   not again when only traced knobs such as the threshold change).
+4. `decode_plan`: `sdar_jax.decode.decoder.generate_many` on each bucket:
+   continuous batching over `batch_size` slots (a finished row's slot takes
+   the next waiting row at once, inside the jitted loop), with one PRNG key
+   per (example, sample) so a sample depends neither on its batch mates nor
+   on its slot; each finished row is handed to the host as it is produced
+   (`on_row`). Wall time is measured per call and JAX's compile time (from
    `jax.monitoring` events) is reported apart, so tokens/s is decoding only.
 5. `score`: answers checked per style (`sdar_jax.eval.answers`); accuracy over
    all samples (the unbiased pass@1), unbiased pass@k, majority voting over
    the n samples of a problem, per-task accuracy.
 
 `evaluate` runs all of it and returns the per-example records (written by
-`write_jsonl`) and a JSON-ready summary.
+`write_jsonl`) and a JSON-ready summary; its `on_record` callback receives
+each problem's record as soon as its last sample is decoded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +63,7 @@ class EvalSettings:
       style: answer style, one of `sdar_jax.eval.answers.STYLES`.
       n_samples: samples per problem (> 1 needs temperature > 0).
       ks: the k of pass@k, each in [1, n_samples].
-      batch_size: most rows per decoder call.
+      batch_size: batch rows (slots) of each decoder call.
       num_buckets: most prompt-length buckets (one compilation each).
       bucket_multiple: bucket lengths are rounded up to a multiple of this.
       chat: wrap prompts in the tokenizer's chat template.
@@ -93,14 +98,12 @@ class EvalSettings:
 
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
-    """One decoder call.
+    """One decoder call: a bucket's rows through `batch_size` slots.
 
     Attributes:
-      bucket_length: padded prompt length (the batch's static max_prompt).
-      rows: (example index, sample index) of each real row, at most the
-        bucket's batch size.
-      batch_size: rows of the call; rows past `len(rows)` repeat the first row
-        and are discarded.
+      bucket_length: padded prompt length (the call's static max_prompt).
+      rows: (example index, sample index) of each row, in decoding order.
+      batch_size: slots of the call (at most len(rows)).
     """
 
     bucket_length: int
@@ -229,12 +232,11 @@ def prompt_capacity(model_config: ModelConfig, decode_config: decoder.DecodeConf
 
 def plan_batches(lengths: Sequence[int], n_samples: int, boundaries: Sequence[int],
                  batch_size: int) -> list[BatchPlan]:
-    """Batches of (example, sample) rows, grouped by bucket, one batch shape per bucket.
+    """One decoder call per bucket of (example, sample) rows.
 
     Each row goes to the smallest boundary >= its prompt length. A bucket's
-    batch size is `batch_size`, or its row count when smaller (so a small
-    bucket does not decode a mostly empty batch); its last batch is padded
-    to that size.
+    slot count is `batch_size`, or its row count when smaller (so a small
+    bucket does not decode a mostly empty batch).
     """
     if max(lengths) > max(boundaries):
         raise ValueError(f"longest prompt ({max(lengths)}) exceeds the last bucket ({max(boundaries)})")
@@ -242,8 +244,8 @@ def plan_batches(lengths: Sequence[int], n_samples: int, boundaries: Sequence[in
     plans = []
     for b, bound in enumerate(boundaries):
         rows = [(int(e), s) for e in np.flatnonzero(bucket_of == b) for s in range(n_samples)]
-        size = min(batch_size, len(rows))
-        plans += [BatchPlan(bound, tuple(rows[i:i + size]), size) for i in range(0, len(rows), size)]
+        if rows:
+            plans.append(BatchPlan(bound, tuple(rows), min(batch_size, len(rows))))
     return plans
 
 
@@ -275,22 +277,22 @@ def sample_keys(seed: int, example_index: np.ndarray, sample_index: np.ndarray) 
 
 def _batch_arrays(plan: BatchPlan, prompt_ids: Sequence[Sequence[int]], pad_id: int
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """[batch, bucket] int32 right-padded prompts, [batch] lengths, example and sample indices."""
-    rows = list(plan.rows) + [plan.rows[0]] * (plan.batch_size - len(plan.rows))
-    tokens = np.full((plan.batch_size, plan.bucket_length), pad_id, np.int32)
-    lengths = np.zeros((plan.batch_size,), np.int32)
-    for i, (e, _) in enumerate(rows):
+    """[rows, bucket] int32 right-padded prompts, [rows] lengths, example and sample indices."""
+    tokens = np.full((len(plan.rows), plan.bucket_length), pad_id, np.int32)
+    lengths = np.zeros((len(plan.rows),), np.int32)
+    for i, (e, _) in enumerate(plan.rows):
         ids = prompt_ids[e]
         tokens[i, :len(ids)] = ids
         lengths[i] = len(ids)
-    return tokens, lengths, np.asarray([e for e, _ in rows]), np.asarray([s for _, s in rows])
+    return tokens, lengths, np.asarray([e for e, _ in plan.rows]), np.asarray([s for _, s in plan.rows])
 
 
 def decode_plan(params: Any, model_config: ModelConfig, prompt_ids: Sequence[Sequence[int]],
                 plans: Sequence[BatchPlan], decode_config: decoder.DecodeConfig, *, seed: int,
-                pad_id: int = 0, progress: bool = False
+                pad_id: int = 0, progress: bool = False,
+                on_row: Callable[[tuple[int, int], RowOutput], None] | None = None,
                 ) -> tuple[dict[tuple[int, int], RowOutput], DecodeStats]:
-    """Runs the decoder over every planned batch.
+    """Runs the decoder over every planned bucket, with continuous batching.
 
     Args:
       params: the model's param pytree.
@@ -300,7 +302,12 @@ def decode_plan(params: Any, model_config: ModelConfig, prompt_ids: Sequence[Seq
       decode_config: decoding knobs (max_new_tokens, stop ids, strategy, ...).
       seed: sampling seed (see `sample_keys`).
       pad_id: prompt padding id (never attended: rows carry their lengths).
-      progress: show a tqdm bar over rows.
+      progress: show a tqdm bar over rows (advanced as rows finish with
+        `on_row`, else per bucket).
+      on_row: called with ((example, sample), RowOutput) as each row finishes,
+        from inside the decoder call. It compiles the decoder anew for each
+        call (a host callback is part of the program): pass it for one-off
+        runs, not for sweeps over traced knobs.
 
     Returns:
       ({(example, sample): RowOutput}, DecodeStats).
@@ -309,33 +316,46 @@ def decode_plan(params: Any, model_config: ModelConfig, prompt_ids: Sequence[Seq
     wall = compile_s = 0.0
     batch_forwards = 0
     total_rows = sum(len(p.rows) for p in plans)
-    committed = forwards = 0
     with tqdm.tqdm(total=total_rows, unit="seq", desc="decode", disable=not progress,
                    dynamic_ncols=True) as bar, compile_timer() as compiled:
         for plan in plans:
             tokens, lengths, ex_idx, s_idx = _batch_arrays(plan, prompt_ids, pad_id)
             keys = sample_keys(seed, ex_idx, s_idx)
+            # A new hook is a new static argument (a new compilation): only when asked for.
+            hooks = decoder.Hooks()
+            if on_row is not None:
+                hooks = decoder.Hooks(on_finish=functools.partial(_rows_finished, plan, on_row, bar))
             start, compiled_before = time.perf_counter(), compiled[0]
-            result = jax.device_get(decoder.generate(
-                params, model_config, tokens, lengths, keys, decode_config))
+            result = jax.device_get(decoder.generate_many(
+                params, model_config, tokens, lengths, keys, decode_config,
+                num_slots=plan.batch_size, hooks=hooks))
             wall += time.perf_counter() - start
             compile_s += compiled[0] - compiled_before
             batch_forwards += int(result.batch_forwards)
             for i, row in enumerate(plan.rows):
-                n = int(result.lengths[i])
-                out = RowOutput(
-                    token_ids=tuple(int(t) for t in result.tokens[i, :n]),
-                    num_forwards=int(result.num_forwards[i]),
-                    num_committed=int(result.num_committed[i]),
-                )
-                outputs[row] = out
-                committed += out.num_committed
-                forwards += out.num_forwards
-            bar.update(len(plan.rows))
-            bar.set_postfix(tpf=f"{committed / max(forwards, 1):.2f}")
+                outputs[row] = _row_output(result.tokens[i], result.lengths[i],
+                                           result.num_forwards[i], result.num_committed[i])
+            if on_row is None:
+                bar.update(len(plan.rows))
     stats = DecodeStats(wall_seconds=wall, compile_seconds=compile_s,
                         batch_forwards=batch_forwards, num_batches=len(plans))
     return outputs, stats
+
+
+def _row_output(tokens: np.ndarray, length: Any, forwards: Any, committed: Any) -> RowOutput:
+    return RowOutput(token_ids=tuple(int(t) for t in np.asarray(tokens)[:int(length)]),
+                     num_forwards=int(forwards), num_committed=int(committed))
+
+
+def _rows_finished(plan: BatchPlan, on_row, bar, items, finished, tokens, lengths, forwards,
+                   committed) -> None:
+    """`decoder.Hooks.on_finish` of one bucket: hands each finished row to `on_row`."""
+    done = np.flatnonzero(np.asarray(finished))
+    for slot in done:
+        if on_row is not None:
+            on_row(plan.rows[int(items[slot])], _row_output(
+                tokens[slot], lengths[slot], forwards[slot], committed[slot]))
+    bar.update(len(done))
 
 
 def decode_text(tokenizer: Tokenizer, token_ids: Sequence[int]) -> str:
@@ -431,7 +451,8 @@ def summarize(records: Sequence[Mapping[str, Any]], stats: DecodeStats, settings
 
 def evaluate(params: Any, model_config: ModelConfig, tokenizer: Tokenizer,
              examples: Sequence[Mapping[str, Any]], decode_config: decoder.DecodeConfig,
-             settings: EvalSettings) -> EvalResult:
+             settings: EvalSettings,
+             on_record: Callable[[int, dict[str, Any]], None] | None = None) -> EvalResult:
     """Decodes every example `settings.n_samples` times and scores the outputs.
 
     Args:
@@ -441,6 +462,9 @@ def evaluate(params: Any, model_config: ModelConfig, tokenizer: Tokenizer,
       examples: dicts with `prompt` and `answer` strings (see `load_examples`).
       decode_config: decoding knobs; its stop_ids end each sample.
       settings: scoring and batching settings.
+      on_record: called with (example index, record) as soon as an example's
+        last sample is decoded (from inside the decoder call), e.g. to write
+        it out at once.
 
     Returns:
       EvalResult with one record per example, in input order.
@@ -464,13 +488,27 @@ def evaluate(params: Any, model_config: ModelConfig, tokenizer: Tokenizer,
         lengths, settings.num_buckets, settings.bucket_multiple)})
     plans = plan_batches(lengths, settings.n_samples, boundaries, settings.batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    outputs, stats = decode_plan(params, model_config, prompt_ids, plans, decode_config,
-                                 seed=settings.seed, pad_id=pad_id, progress=settings.progress)
-    records = []
-    for e, example in enumerate(examples):
-        rows = [outputs[(e, s)] for s in range(settings.n_samples)]
+
+    def record(e: int, rows: Sequence[RowOutput]) -> dict[str, Any]:
         texts = [decode_text(tokenizer, r.token_ids) for r in rows]
-        records.append(score_example(example, texts, rows, settings))
+        return score_example(examples[e], texts, rows, settings)
+
+    on_row = None
+    if on_record is not None:
+        pending: dict[int, dict[int, RowOutput]] = {}
+
+        def on_row(row: tuple[int, int], out: RowOutput) -> None:
+            e, s = row
+            pending.setdefault(e, {})[s] = out
+            if len(pending[e]) == settings.n_samples:
+                samples = pending.pop(e)
+                on_record(e, record(e, [samples[i] for i in range(settings.n_samples)]))
+
+    outputs, stats = decode_plan(params, model_config, prompt_ids, plans, decode_config,
+                                 seed=settings.seed, pad_id=pad_id, progress=settings.progress,
+                                 on_row=on_row)
+    records = [record(e, [outputs[(e, s)] for s in range(settings.n_samples)])
+               for e in range(len(examples))]
     summary = summarize(records, stats, settings, decode_config)
     summary["bucket_lengths"] = boundaries
     return EvalResult(records=records, summary=summary)
@@ -483,6 +521,32 @@ def write_jsonl(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+class JsonlStream:
+    """A JSONL output written as results are produced: `append` adds one line and
+    flushes it (finished work survives a later failure; the file is created at
+    the first line); `finish` rewrites the file with the final records (e.g. in
+    input order) through a temporary file and a rename, so it is never
+    half-written. Creates the parent directory."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        self._file = None
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        if self._file is None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self._file = open(self.path, "w", encoding="utf-8", newline="\n")
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def finish(self, records: Sequence[Mapping[str, Any]]) -> None:
+        if self._file is not None:
+            self._file.close()
+        partial = self.path + ".partial"
+        write_jsonl(partial, records)
+        os.replace(partial, self.path)
 
 
 def write_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> None:

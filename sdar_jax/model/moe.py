@@ -10,10 +10,12 @@ The router's expert dimension is deliberately unnamed (replicated): it is
 small (hidden x experts) and every device needs all experts' logits to route
 its own tokens, so sharding it would only add an all-gather per layer.
 
-Which path runs is read from the mesh context, in one place: with no mesh set
-(`jax.set_mesh`) the layer runs `dropless_experts` on one device; with a mesh
-it runs `sharded_experts`, which is expert-parallel (all-to-all over the
-`expert` axis) when that axis has more than one device.
+Which path runs is read from the sharding context, in one place: with no mesh
+set (`ShardingContext.activate` or `jax.set_mesh`) the layer runs
+`dropless_experts` on one device; with a mesh it runs `sharded_experts` with
+the context's expert layout (`ShardingContext.moe_axes`: experts over the
+`expert` rule's axes, each expert's mlp over the `mlp` rule's), which is
+expert-parallel (all-to-all) when the expert axes have more than one device.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from sdar_jax import parallel
 from sdar_jax.config import ModelConfig
 from sdar_jax.model.layers import dense_init, dtype_of, logical_init
 from sdar_jax.ops.expert_parallel import sharded_experts
@@ -40,14 +42,6 @@ class _Kernel(nn.Module):
     @nn.compact
     def __call__(self) -> jnp.ndarray:
         return self.param("kernel", logical_init(dense_init(), self.names), self.shape, self.param_dtype)
-
-
-def _active_mesh() -> jax.sharding.AbstractMesh | None:
-    """The mesh set with `jax.set_mesh`, or None when none (or a single device) is."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return None
-    return mesh
 
 
 class MoeMLP(nn.Module):
@@ -91,9 +85,13 @@ class MoeMLP(nn.Module):
         down = _Kernel((num_experts, mlp, hidden), ("expert", "mlp", "embed"), param_dtype, name="down_proj")()
         gate, up, down = (w.astype(dtype) for w in (gate, up, down))
 
-        mesh = _active_mesh()
-        if mesh is None:
+        context = parallel.current_context()
+        if context is None:
             out = dropless_experts(tokens, routing.weights, routing.experts, gate, up, down)
         else:
-            out = sharded_experts(tokens, routing.weights, routing.experts, gate, up, down, mesh)
+            axes = context.moe_axes(num_experts, mlp)
+            out = sharded_experts(
+                tokens, routing.weights, routing.experts, gate, up, down, context.mesh,
+                token_axes=axes.tokens, expert_axes=axes.experts, mlp_axes=axes.mlp,
+            )
         return out.reshape(batch, seq, hidden), stats

@@ -85,8 +85,9 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, carry, layer_cache, positions, segment_ids):
         x, router_totals = carry
-        # Batch-sharded activations at every layer boundary (a no-op without a mesh): without
-        # it GSPMD may follow the fsdp-sharded weights and gather the batch instead.
+        # Batch-sharded activations at every layer boundary, by the run's rules (the active
+        # sharding context; a no-op without a mesh): without it GSPMD may follow the
+        # fsdp-sharded weights and gather the batch instead.
         x = parallel.constrain(x, ("batch", "length", None))
         cfg = self.config
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)

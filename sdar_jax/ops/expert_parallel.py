@@ -1,26 +1,29 @@
 """Expert parallelism: tokens travel to the devices that own their experts (Flax-free).
 
-Layout inside `shard_map` over the whole mesh:
+Layout inside `shard_map` over the whole mesh, three sets of mesh axes (the
+caller's; the model takes them from the run's sharding context,
+`sdar_jax.parallel.ShardingContext.moe_axes`; the defaults are the default
+rules' layout):
 
-- tokens `[T, hidden]` are split over the token axes (`data`, `fsdp`,
-  `expert` where present) and replicated over `tensor`;
-- expert weights are split over `expert` (each device holds E / n_expert
-  whole experts) and their `mlp` dimension over `tensor`; a device never holds
-  another group's experts.
+- tokens `[T, hidden]` are split over `token_axes` (default `data`, `fsdp`,
+  `expert` where present) and replicated over the rest;
+- expert weights are split over `expert_axes` (default `expert`: each device
+  holds E / n whole experts) and their `mlp` dimension over `mlp_axes`
+  (default `tensor`); a device never holds another group's experts.
 
-Per device, with n = |expert axis|, E_l = E / n local experts, T_l local
+Per device, with n = the product of the expert axes' sizes, E_l = E / n local experts, T_l local
 tokens and C = T_l * min(k, E_l) (the most assignments one device can send to
 one expert group, so nothing is ever dropped):
 
 1. sort the T_l*k assignments by expert (destinations are contiguous blocks);
 2. pack them into a `[n, C, hidden]` buffer, block d for expert group d;
-3. `all_to_all` over `expert` (block d goes to device d), and the assignment
+3. `all_to_all` over the expert axes (block d goes to device d), and the assignment
    counts `[n, E_l]` with it;
 4. sort the received rows by local expert, grouped SwiGLU
    (`sdar_jax.ops.grouped_matmul`), unsort; padding rows belong to no
    expert, stay zero and (in the tiled grouped matmul) cost no work;
 5. `all_to_all` back, unpack, unsort, combine with the routing weights;
-6. `psum` over `tensor` (each tensor shard computed a slice of `mlp`).
+6. `psum` over the mlp axes (each shard computed a slice of `mlp`).
 
 The padded buffer keeps every shape static, which dropless routing needs
 (XLA:CPU has no `ragged_all_to_all`, so the padded `all_to_all` is the
@@ -39,8 +42,8 @@ from jax.sharding import PartitionSpec as P
 
 from sdar_jax.ops.moe import combine, dropless_experts, grouped_swiglu, sort_assignments
 
-EXPERT_AXIS = "expert"
-TENSOR_AXIS = "tensor"
+EXPERT_AXES = ("expert",)
+MLP_AXES = ("tensor",)
 TOKEN_AXES = ("data", "fsdp", "expert")
 
 Mesh = jax.sharding.Mesh | jax.sharding.AbstractMesh
@@ -48,6 +51,10 @@ Mesh = jax.sharding.Mesh | jax.sharding.AbstractMesh
 
 def _present(mesh: Mesh, names: Sequence[str]) -> tuple[str, ...]:
     return tuple(name for name in names if name in mesh.axis_names and mesh.shape[name] > 1)
+
+
+def _axes_name(axes: tuple[str, ...]) -> str:
+    return f"'{axes[0]}' axis" if len(axes) == 1 else f"axes {axes}"
 
 
 def _exchange_body(
@@ -59,6 +66,7 @@ def _exchange_body(
     down: jnp.ndarray,
     *,
     num_groups: int,
+    expert_axes: tuple[str, ...],
     impl: str,
 ) -> jnp.ndarray:
     """One device's part of expert-parallel MoE (runs inside shard_map).
@@ -67,7 +75,8 @@ def _exchange_body(
       x: [T_l, hidden] local tokens.
       weights: [T_l, k] float32; experts: [T_l, k] int32 global expert ids.
       gate, up: [E_l, hidden, mlp_l]; down: [E_l, mlp_l, hidden] local experts.
-      num_groups: n, the size of the expert axis.
+      num_groups: n, the product of the expert axes' sizes.
+      expert_axes: the mesh axes the experts are split over.
       impl: the grouped matmul implementation.
 
     Returns:
@@ -89,8 +98,8 @@ def _exchange_body(
     send = send.at[dest, slot].set(x[sorted_.order // top_k], unique_indices=True)
 
     # 3. Exchange rows and counts: block d goes to device d.
-    recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0, tiled=True)  # [src, C, hidden]
-    recv_counts = jax.lax.all_to_all(counts, EXPERT_AXIS, 0, 0, tiled=True)  # [src, E_l]
+    recv = jax.lax.all_to_all(send, expert_axes, 0, 0, tiled=True)  # [src, C, hidden]
+    recv_counts = jax.lax.all_to_all(counts, expert_axes, 0, 0, tiled=True)  # [src, E_l]
 
     # 4. Local expert of every received row; E_l marks padding (sorts last).
     bounds = jnp.cumsum(recv_counts, axis=1)  # [src, E_l]
@@ -102,7 +111,7 @@ def _exchange_body(
     y = y[local_sorted.inverse].reshape(num_groups, capacity, hidden)
 
     # 5. Send results back and restore the token order.
-    back = jax.lax.all_to_all(y, EXPERT_AXIS, 0, 0, tiled=True)  # [dest, C, hidden]
+    back = jax.lax.all_to_all(y, expert_axes, 0, 0, tiled=True)  # [dest, C, hidden]
     y_sorted = back[dest, slot]  # [T_l*k, hidden]
     y_tokens = y_sorted[sorted_.inverse].reshape(num_tokens, top_k, hidden)
     return combine(y_tokens, weights)
@@ -117,36 +126,45 @@ def sharded_experts(
     down: jnp.ndarray,
     mesh: Mesh,
     impl: str = "auto",
+    *,
+    token_axes: Sequence[str] = TOKEN_AXES,
+    expert_axes: Sequence[str] = EXPERT_AXES,
+    mlp_axes: Sequence[str] = MLP_AXES,
 ) -> jnp.ndarray:
-    """Dropless MoE over a device mesh (expert-parallel when it has an `expert` axis > 1).
+    """Dropless MoE over a device mesh (expert-parallel when the expert axes have > 1 device).
 
     Args:
       x: [T, hidden] tokens in the compute dtype.
       weights: [T, k] float32 routing weights; experts: [T, k] int32 ids.
       gate, up: [experts, hidden, mlp]; down: [experts, mlp, hidden].
-      mesh: a Mesh or AbstractMesh; its `data`, `fsdp` and `expert` axes
-        split the tokens, `expert` the experts and `tensor` the mlp dimension.
-        Other axes replicate the work.
+      mesh: a Mesh or AbstractMesh. Axes it lacks, or of size 1, are ignored;
+        axes named by none of the three sets replicate the work.
       impl: the grouped matmul implementation ("auto", "ragged_dot", "tiled").
+      token_axes: mesh axes splitting the tokens (any of `mlp_axes` among
+        them is left out: the partial sums over mlp need the same tokens).
+      expert_axes: mesh axes splitting the experts (the all-to-all axes).
+      mlp_axes: mesh axes splitting each expert's intermediate dimension.
 
     Returns:
       [T, hidden], equal to `dropless_experts` on one device.
     """
     num_experts, _, mlp = gate.shape
-    token_axes = _present(mesh, TOKEN_AXES)
-    expert_axes = _present(mesh, (EXPERT_AXIS,))
-    tensor_axes = _present(mesh, (TENSOR_AXIS,))
-    num_groups = mesh.shape[EXPERT_AXIS] if expert_axes else 1
-    tensor_size = mesh.shape[TENSOR_AXIS] if tensor_axes else 1
+    mlp_axes = _present(mesh, mlp_axes)
+    expert_axes = _present(mesh, expert_axes)
+    token_axes = tuple(a for a in _present(mesh, token_axes) if a not in mlp_axes)
+    if set(expert_axes) & set(mlp_axes):
+        raise ValueError(f"expert axes {expert_axes} and mlp axes {mlp_axes} must be disjoint")
+    num_groups = math.prod(mesh.shape[a] for a in expert_axes)
+    mlp_shards = math.prod(mesh.shape[a] for a in mlp_axes)
     if num_experts % num_groups:
         raise ValueError(
-            f"num_experts ({num_experts}) must be divisible by the mesh's '{EXPERT_AXIS}' axis "
+            f"num_experts ({num_experts}) must be divisible by the mesh's {_axes_name(expert_axes)} "
             f"({num_groups})"
         )
-    if mlp % tensor_size:
+    if mlp % mlp_shards:
         raise ValueError(
-            f"moe_intermediate_size ({mlp}) must be divisible by the mesh's '{TENSOR_AXIS}' axis "
-            f"({tensor_size})"
+            f"moe_intermediate_size ({mlp}) must be divisible by the mesh's {_axes_name(mlp_axes)} "
+            f"({mlp_shards})"
         )
 
     # Pad tokens to a multiple of the token shards; padded rows get weight 0
@@ -160,13 +178,16 @@ def sharded_experts(
         experts = jnp.pad(experts, ((0, pad), (0, 0)))
 
     tok = P(token_axes or None)
-    ex = expert_axes[0] if expert_axes else None
-    tp = tensor_axes[0] if tensor_axes else None
+    ex = expert_axes or None
+    tp = mlp_axes or None
 
     def body(x, weights, experts, gate, up, down):
         if num_groups > 1:
-            out = _exchange_body(x, weights, experts, gate, up, down, num_groups=num_groups, impl=impl)
-        else:  # every device holds all experts (their mlp maybe split over tensor)
+            out = _exchange_body(
+                x, weights, experts, gate, up, down, num_groups=num_groups, expert_axes=expert_axes,
+                impl=impl,
+            )
+        else:  # every device holds all experts (their mlp maybe split)
             out = dropless_experts(x, weights, experts, gate, up, down, impl)
         return jax.lax.psum(out, tp) if tp else out
 

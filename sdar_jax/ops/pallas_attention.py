@@ -15,29 +15,27 @@
 the interpreter, which is how the tests check both on a CPU machine.
 
 A `pallas_call` is opaque to GSPMD, which would gather its operands onto every
-device. With a mesh set (`jax.set_mesh`, as the trainer does) the kernels
-therefore run inside `shard_map`: the batch split over the mesh's `data`,
-`fsdp` and `expert` axes and the heads over `tensor` (the layout of
-`sdar_jax.parallel`'s default rules), each device attending over its own rows
-and heads. A dimension its axes do not divide is replicated over them instead.
+device. With a mesh set (the run's `sdar_jax.parallel.ShardingContext`, as the
+trainer and sharded inference activate it) the kernels therefore run inside
+`shard_map` with the context's specs (`ShardingContext.attention_specs`): the
+batch split over the `batch` rule's axes and the heads over the `heads`
+rule's, each device attending over its own rows and heads. A dimension its
+axes do not divide is replicated over them instead.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
+from sdar_jax import parallel
 from sdar_jax.ops import masks, pallas_decode, pallas_gpu
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("gpu", "tpu")
-BATCH_AXES = ("data", "fsdp", "expert")
-HEAD_AXES = ("tensor",)
 
 
 def _check_metadata(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids) -> None:
@@ -103,26 +101,16 @@ def pallas_attention(
     def local(q, k, v, *metadata):
         return _dispatch(q, k, v, mask, *metadata, backend=backend, interpret=interpret, **tuning)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    context = parallel.current_context()
+    if context is None:
         return local(q, k, v, *metadata)
-    return _shard_mapped(local, mesh, q, k, v, metadata)
+    return _shard_mapped(local, context, q, k, v, metadata)
 
 
-def _mesh_axes(mesh, names: tuple[str, ...], size: int) -> tuple[str, ...]:
-    """The mesh axes among `names` (size > 1) whose product divides `size`, longest prefix."""
-    axes = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
-    while axes and size % math.prod(mesh.shape[a] for a in axes):
-        axes = axes[:-1]
-    return axes
-
-
-def _shard_mapped(local, mesh, q, k, v, metadata):
-    """Runs `local` per device: batch over BATCH_AXES, heads over HEAD_AXES."""
-    batch_axes = _mesh_axes(mesh, BATCH_AXES, q.shape[0])
-    head_axes = _mesh_axes(mesh, HEAD_AXES, math.gcd(q.shape[2], k.shape[2]))
-    rows = P(batch_axes or None, None, head_axes or None, None)
-    meta = P(batch_axes or None, None)
+def _shard_mapped(local, context: parallel.ShardingContext, q, k, v, metadata):
+    """Runs `local` per device with the context's attention specs (batch and heads split)."""
+    rows, meta = context.attention_specs(q.shape[0], q.shape[2], k.shape[2])
+    mesh = context.mesh
     present = [i for i, x in enumerate(metadata) if x is not None]
 
     def body(q, k, v, *given):

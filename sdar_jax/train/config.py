@@ -11,7 +11,8 @@
 - objective: "sdar" (block diffusion, spec §2) or "ar" (next-token baseline).
 - data: sources, tokenizer, packing length, global batch, seed.
 - optimizer: AdamW, warmup + cosine decay to a floor, clipping, accumulation.
-- train: steps, intervals, checkpointing, workdir, init_from, seed.
+- train: steps, intervals, checkpointing, workdir, init_from, seed, and
+  `allow_config_change` (see `check_resume`).
 - mesh: device mesh axis sizes and logical axis rules (`sdar_jax.parallel`).
 
 Unset optional fields are `None` (typed placeholders, so command-line
@@ -20,10 +21,12 @@ overrides still parse to the right type).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import types
 import typing
-from typing import Any
+from typing import Any, Mapping
 
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -37,6 +40,31 @@ NORMALIZATIONS = ("non_prompt", "masked")
 
 class RunConfigError(ValueError):
     """A field of the run configuration is missing or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigChange:
+    """One field whose value differs between a checkpoint's config and the new one.
+
+    fixed: the field is part of the architecture or the data layout (never
+    changeable on resume).
+    """
+
+    field: str
+    old: Any
+    new: Any
+    fixed: bool
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.old!r} -> {self.new!r}"
+
+
+class ConfigChangeError(RunConfigError):
+    """A resume would continue a checkpoint under a different config."""
+
+    def __init__(self, message: str, changes: list[ConfigChange]):
+        self.changes = changes
+        super().__init__(message)
 
 
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
@@ -96,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
         global_batch_size=256,
         seed=0,
         long_examples="raise",
+        # "error": a malformed record stops the run naming its file:line; "skip":
+        # it is dropped, with a warning and a count (sdar_jax.data.pipeline).
+        on_bad_record="error",
         append_eos=True,
         shuffle=True,
         num_epochs=placeholder(int),
@@ -132,6 +163,9 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0,
         export=True,
         progress_bar=True,
+        # Resume even though optimizer / schedule / interval fields differ from
+        # the checkpoint's config (the changes are printed); see check_resume.
+        allow_config_change=False,
     ))
 
     config.mesh = ml_collections.ConfigDict(dict(
@@ -243,6 +277,87 @@ def validate(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
         raise RunConfigError(f"optimizer.end_lr_ratio must lie in [0, 1], got {opt.end_lr_ratio}")
     if opt.warmup_steps < 0:
         raise RunConfigError(f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
+
+
+# Fields a resumed run may change freely: where things go and how the same
+# computation is laid out or shown (the mesh: orbax reshards on restore).
+_FREE_ON_RESUME = (
+    "required", "mesh.", "train.workdir", "train.allow_config_change", "train.progress_bar",
+    "train.async_checkpointing", "model.attention_impl", "model.remat_policy", "data.read_threads",
+)
+# The architecture and the data layout: a checkpoint cannot continue under others.
+_FIXED_ON_RESUME = (
+    "model.", "train.init_from", "objective.kind", "objective.block_size", "data.train_path",
+    "data.tokenizer_dir", "data.seq_len", "data.global_batch_size", "data.seed",
+    "data.long_examples", "data.append_eos", "data.shuffle", "data.num_epochs",
+    "data.packing_bins", "data.worker_count",
+)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _matches(field: str, patterns: tuple[str, ...]) -> bool:
+    return any(field == p or (p.endswith(".") and field.startswith(p)) for p in patterns)
+
+
+def resume_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[ConfigChange]:
+    """The fields that differ between a checkpoint's saved config and a new one
+    (both `ConfigDict.to_dict()`-style; compared after a JSON round trip).
+
+    A field the saved config lacks (written before the field existed) counts
+    only when the new value differs from the field's default. Fields of
+    `_FREE_ON_RESUME` are left out.
+    """
+    old = _flatten(saved)
+    now = _flatten(json.loads(json.dumps(dict(new))))
+    defaults = _flatten(json.loads(json.dumps(base_config().to_dict())))
+    changes = []
+    for field in sorted(now):
+        if _matches(field, _FREE_ON_RESUME):
+            continue
+        if field in old:
+            before = old[field]
+        elif field in defaults:
+            before = defaults[field]
+        else:
+            before = "<absent>"
+        if before != now[field]:
+            changes.append(ConfigChange(field, before, now[field], _matches(field, _FIXED_ON_RESUME)))
+    return changes
+
+
+def check_resume(
+    saved: Mapping[str, Any], new: Mapping[str, Any], *, step: int, allow_change: bool
+) -> list[ConfigChange]:
+    """Compares the config a checkpoint was written with to the one resuming it.
+
+    Returns the changes that `allow_change` lets through (empty when none).
+
+    Raises:
+      ConfigChangeError: an architecture or data-layout field changed (always
+        refused), or any other field did and `allow_change` is False.
+    """
+    changes = resume_changes(saved, new)
+    fixed = [c for c in changes if c.fixed]
+    if fixed:
+        raise ConfigChangeError(
+            f"cannot resume the checkpoint of step {step}: the architecture or data layout "
+            f"differs from its config ({'; '.join(map(str, fixed))}); use a new train.workdir",
+            fixed)
+    if changes and not allow_change:
+        raise ConfigChangeError(
+            f"the config differs from the one the checkpoint of step {step} was written with "
+            f"({'; '.join(map(str, changes))}); set --config.train.allow_config_change=True to "
+            "resume with these changes, or use a new train.workdir", changes)
+    return changes
 
 
 def block_size(config: ml_collections.ConfigDict, model: ModelConfig) -> int:

@@ -7,9 +7,20 @@ One call to `train(config)` runs (or resumes) a run in `config.train.workdir`:
   workdir/export/              the final params (`sdar_jax.convert` format),
                                loadable by generate / evaluate
 
-Resume is exact: the latest checkpoint restores params, optimizer state, step,
-PRNG key and the data iterator's position, so the continued run computes the
-same losses, step for step, as an uninterrupted one.
+Resume is exact: the newest intact checkpoint restores params, optimizer
+state, step, PRNG key and the data iterator's position, so the continued run
+computes the same losses, step for step, as an uninterrupted one. Before
+restoring, the run checks (`sdar_jax.checkpoint`, `config.check_resume`):
+- integrity: the step's files match their recorded sizes and SHA-256, its
+  items restore and its state is finite; else a warning names the step and
+  the file, and the next older step is tried (`CheckpointIntegrityError` when
+  none is intact);
+- the config: architecture and data-layout changes are refused
+  (`ConfigChangeError`, listing old -> new); other changes (learning rate,
+  steps, intervals, ...) too, unless `train.allow_config_change` is set, which
+  logs the list and goes on.
+TensorBoard events are flushed before every checkpoint, so after a crash the
+event files hold every step up to the newest checkpoint.
 
 Stopping: SIGTERM (single-process runs install a handler; multi-host runs use
 JAX's preemption sync point through orbax) makes the loop save the current
@@ -24,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import logging
 import math
 import os
 import signal
@@ -40,6 +53,7 @@ from sdar_jax.config import ModelConfig
 from sdar_jax.convert import load_params_checkpoint, save_params_checkpoint
 from sdar_jax.data import pipeline
 from sdar_jax.data.tokenizer import Tokenizer
+from sdar_jax.model import sharding as model_sharding
 from sdar_jax.train import config as run_config
 from sdar_jax.train import optimizer as optimizer_lib
 from sdar_jax.train import step as step_lib
@@ -49,6 +63,8 @@ from sdar_jax.train.state import TrainState, abstract_train_state, create_train_
 CHECKPOINT_SUBDIR = "checkpoints"
 TENSORBOARD_SUBDIR = "tensorboard"
 EXPORT_SUBDIR = "export"
+
+_log = logging.getLogger(__name__)
 
 # A fresh iterable of held-out batches each time it is called.
 EvalData = Callable[[], Iterable[Mapping[str, np.ndarray]]]
@@ -76,6 +92,8 @@ class TrainResult:
     history: per-step metrics (float) of the steps run in this call, in order.
     eval_history: (step, eval metrics) pairs.
     export_dir: where the final params were exported, if they were.
+    skipped_records: malformed training records skipped in this call
+      (data.on_bad_record='skip').
     """
 
     step: int
@@ -83,6 +101,7 @@ class TrainResult:
     history: list[dict[str, float]]
     eval_history: list[tuple[int, dict[str, float]]]
     export_dir: str | None
+    skipped_records: int = 0
 
 
 class PreemptionFlag:
@@ -131,14 +150,18 @@ def _load_tokenizer(config: ml_collections.ConfigDict, model: ModelConfig) -> To
     return tokenizer
 
 
-def _make_data(config: ml_collections.ConfigDict, model: ModelConfig) -> tuple[Iterator, EvalData | None]:
-    """The run's grain train iterator and eval-batch factory, from `config.data`."""
+def _make_data(
+    config: ml_collections.ConfigDict, model: ModelConfig, bad_records: pipeline.BadRecordCounter,
+) -> tuple[Iterator, EvalData | None]:
+    """The run's grain train iterator and eval-batch factory, from `config.data`
+    (malformed records skipped under data.on_bad_record='skip' are counted in `bad_records`)."""
     data = config.data
     run_config.require(config, "data.train_path", "the training data")
     tokenizer = _load_tokenizer(config, model)
     block = run_config.data_block_size(config, model)
     train_iter = pipeline.make_train_iterator(
-        data, tokenizer, block, data.seq_len, data.global_batch_size, data.seed
+        data, tokenizer, block, data.seq_len, data.global_batch_size, data.seed,
+        bad_records=bad_records,
     )
     if not data.eval_path:
         return train_iter, None
@@ -156,7 +179,7 @@ def _make_data(config: ml_collections.ConfigDict, model: ModelConfig) -> tuple[I
 class _Layout:
     """Where the state and the batches live: shardings over the run's mesh."""
 
-    mesh: jax.sharding.Mesh  # set with jax.set_mesh around the run (MoE expert parallelism reads it)
+    context: parallel.ShardingContext  # active around the whole run (the model's constraints read it)
     state: Any  # TrainState of NamedShardings
     batch: dict[str, jax.sharding.NamedSharding]
     global_batch: int
@@ -167,18 +190,20 @@ class _Layout:
 
 
 def _layout(config: ml_collections.ConfigDict, model: ModelConfig, tx: Any, devices: Any) -> _Layout:
-    pconfig = parallel.ParallelConfig.from_mapping(config.mesh)
-    mesh = parallel.make_mesh(pconfig, devices)
+    context = parallel.ShardingContext.from_config(parallel.ParallelConfig.from_mapping(config.mesh), devices)
     abstract = abstract_train_state(model, tx)
     global_batch, seq_len = config.data.global_batch_size, config.data.seq_len
     batch = {
         key: jax.ShapeDtypeStruct((global_batch, seq_len), np.bool_ if key == "loss_mask" else np.int32)
         for key in ("tokens", "segment_ids", "positions", "loss_mask")
     }
+    batch_shardings = context.batch_shardings(batch)
+    # Each process feeds its own rows: stop now, naming the mesh, if its devices hold others.
+    parallel.check_process_layout(batch_shardings["tokens"], global_batch)
     return _Layout(
-        mesh=mesh,
-        state=parallel.state_shardings(abstract, model, pconfig, mesh),
-        batch=parallel.batch_shardings(batch, pconfig, mesh),
+        context=context,
+        state=model_sharding.state_shardings(abstract, model, context),
+        batch=batch_shardings,
         global_batch=global_batch,
     )
 
@@ -187,12 +212,14 @@ def _initial_state(
     config: ml_collections.ConfigDict, model: ModelConfig, tx: Any, layout: _Layout,
     checkpointer: checkpoint_lib.Checkpointer, train_iter: Iterator,
 ) -> TrainState:
-    """The latest checkpoint's state (iterator repositioned), else a fresh one
-    (params from train.init_from, or random)."""
-    if checkpointer.latest_step() is not None:
+    """The newest intact checkpoint's state (iterator repositioned; its config
+    checked against `config`), else a fresh one (params from train.init_from, or random)."""
+    if checkpointer.all_steps():
         abstract = checkpoint_lib.with_shardings(abstract_train_state(model, tx), layout.state)
-        state, _ = checkpointer.restore(abstract, train_iter)
-        return state
+        restored = checkpointer.restore(
+            abstract, train_iter, check_config=functools.partial(_check_resume, config)
+        )
+        return restored.state
     rng = jax.random.key(config.train.seed)
     if config.train.init_from:
         _, params = load_params_checkpoint(
@@ -201,6 +228,18 @@ def _initial_state(
         init = jax.jit(lambda p, r: create_train_state(model, tx, r, p), out_shardings=layout.state)
         return init(params, rng)
     return jax.jit(lambda r: create_train_state(model, tx, r), out_shardings=layout.state)(rng)
+
+
+def _check_resume(config: ml_collections.ConfigDict, step: int, saved: Mapping[str, Any]) -> None:
+    """Refuses (raises) or logs the differences between step `step`'s saved config and `config`."""
+    changes = run_config.check_resume(
+        saved, config.to_dict(), step=step, allow_change=config.train.allow_config_change
+    )
+    if changes:
+        _log.warning(
+            "resuming step %d with a changed config (train.allow_config_change=True): %s",
+            step, "; ".join(map(str, changes)),
+        )
 
 
 def _finite(metrics: Mapping[str, float]) -> bool:
@@ -251,6 +290,9 @@ def train(
 
     Raises:
       NonFiniteLossError: the loss or gradient norm was NaN/inf at some step.
+      checkpoint_lib.CheckpointIntegrityError: the workdir has checkpoints, none intact.
+      run_config.ConfigChangeError: the config differs from the checkpoint's (`check_resume`).
+      TokenizerError, DataSourceError, RunConfigError, ...: bad input, naming the file / field.
     """
     run_config.check_required(config)
     model = run_config.model_config(config)
@@ -261,8 +303,9 @@ def train(
     schedule = optimizer_lib.learning_rate_schedule(config.optimizer, total_steps)
     tx = optimizer_lib.make_optimizer(config.optimizer, total_steps)
     aux_coef = run_config.aux_loss_coef(config, model)
+    bad_records = pipeline.BadRecordCounter()
     if train_data is None:
-        train_data, default_eval = _make_data(config, model)
+        train_data, default_eval = _make_data(config, model, bad_records)
         eval_data = eval_data or default_eval
     layout = _layout(config, model, tx, devices)
     train_step = step_lib.compile_train_step(
@@ -281,7 +324,7 @@ def train(
     )
     with contextlib.ExitStack() as stack:
         stack.enter_context(checkpointer)
-        stack.enter_context(jax.set_mesh(layout.mesh))
+        stack.enter_context(layout.context.activate())
         flag = stack.enter_context(PreemptionFlag())
         state = _initial_state(config, model, tx, layout, checkpointer, train_data)
         step = int(jax.device_get(state.step))
@@ -318,6 +361,7 @@ def train(
                 throughput.reset()
             preempted = flag.requested or checkpointer.reached_preemption(step)
             if checkpointer.should_save(step) or preempted or step == total_steps:
+                writer.flush()  # the events of every step up to a checkpoint are on disk
                 checkpointer.save(step, state, train_data, config_json, force=True)
                 throughput.reset()
             if preempted:
@@ -333,5 +377,5 @@ def train(
         )
     return TrainResult(
         step=step, preempted=preempted, history=history, eval_history=eval_history,
-        export_dir=export_dir,
+        export_dir=export_dir, skipped_records=bad_records.count,
     )

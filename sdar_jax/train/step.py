@@ -31,6 +31,7 @@ import optax
 from sdar_jax.config import ModelConfig
 from sdar_jax.diffusion.loss import ar_loss, sdar_loss
 from sdar_jax.model import transformer
+from sdar_jax.model.head import chunked_token_ce
 from sdar_jax.train import config as run_config
 from sdar_jax.train.state import TrainState, step_rng
 
@@ -52,6 +53,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: ModelConfig) -> LossF
             return sdar_loss(
                 apply_fn, params, batch, rng, block_size=block, mask_token_id=model.mask_token_id,
                 normalization=obj.normalization, eps=obj.eps, max_tries=obj.max_tries,
+                token_ce=chunked_token_ce(model, params),  # no whole-row float32 logits
             )
 
         return loss_fn
@@ -59,7 +61,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: ModelConfig) -> LossF
 
         def ar_loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
             del rng  # the AR objective is deterministic
-            loss, metrics = ar_loss(apply_fn, params, batch)
+            loss, metrics = ar_loss(apply_fn, params, batch, chunked_token_ce(model, params))
             return loss, {**metrics, "num_loss_tokens": metrics["num_targets"]}
 
         return ar_loss_fn

@@ -216,3 +216,51 @@ def test_example_transform_pickles_for_workers(tok):
     record = {"prompt": "p?", "response": "r", "_origin": "x:1"}
     for key, value in transform.map(record).items():
         np.testing.assert_array_equal(clone.map(record)[key], value)
+
+
+# ---- malformed records: "error" names file:line, "skip" drops and counts ----------------
+
+
+def _with_bad_lines(tmp_path, good, bad_at):
+    """A JSONL file of `good` text records with malformed lines inserted at 1-based `bad_at`."""
+    lines, records = [], iter(good)
+    for number in range(1, len(good) + len(bad_at) + 1):
+        if number in bad_at:
+            lines.append('{"text": "unterminated' if number % 2 else '{"txt": "wrong field"}')
+        else:
+            lines.append(json.dumps({"text": next(records)}))
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_malformed_line_deep_in_the_file_raises_naming_it(tmp_path, tok):
+    path = _with_bad_lines(tmp_path, texts(40), bad_at={31})
+    config = {"train_path": path, "shuffle": False, "read_threads": 1}
+    it = pipeline.make_train_iterator(config, tok, 4, SEQ, B, seed=0)
+    with pytest.raises(sources.DataSourceError, match=f"{path}:31: invalid JSON"):
+        for _ in range(100):
+            next(it)
+
+
+def test_skip_policy_drops_and_counts_malformed_records(tmp_path, tok, text_file):
+    path = _with_bad_lines(tmp_path, texts(40), bad_at={7, 31, 40})
+    counter = pipeline.BadRecordCounter()
+    skipping = pipeline.make_train_iterator(
+        {"train_path": path, "shuffle": False, "read_threads": 2, "num_epochs": 1,
+         "on_bad_record": "skip"}, tok, 4, SEQ, B, seed=0, bad_records=counter)
+    clean = pipeline.make_train_iterator(
+        {"train_path": text_file, "shuffle": False, "read_threads": 2, "num_epochs": 1}, tok, 4, SEQ, B, seed=0)
+    got, want = list(skipping), list(clean)
+    assert len(got) == len(want) > 0
+    for a, b in zip(got, want):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert counter.count == 3  # one pass: each malformed line once
+
+
+def test_bad_record_policy_is_validated():
+    with pytest.raises(pipeline.DataConfigError, match="on_bad_record is 'ignore'"):
+        pipeline.DataConfig(on_bad_record="ignore")
+    with pytest.raises(pipeline.DataConfigError, match="worker_count=0"):
+        pipeline.DataConfig(on_bad_record="skip", worker_count=2)

@@ -51,14 +51,45 @@ def test_round_trip(sdar, text):
     assert sdar.decode(ids) == text
 
 
-@pytest.mark.parametrize("text", TEXTS + [
+# Texts where the added-token precedence, byte fallback or splitting can go wrong.
+HARD_TEXTS = [
     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
     "x<|endoftext|>y<|MASK|>z<think>\nok\n</think>",
-])
+    "<MASK><MASK> masked <|MASK|>",
+    "a<MASK>b <|MASK|><|MASK|>x <MASK",
+    "<|im_end|><|im_end|> <tool_call>{\"a\": 1}</tool_call>",
+    "emoji 👍🏽👨‍👩‍👧 ZWJ, flags 🇩🇪, CJK 你好世界, Arabic مرحبا, Devanagari नमस्ते",
+    "for (int i = 0; i < n; ++i) { s += a[i] >> 2; }  // ok\n",
+    "e\u0301 (decomposed) vs \u00e9, fullwidth ＡＢＣ, nbsp\u00a0x, \ufeffbom",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS + HARD_TEXTS)
 def test_encode_matches_transformers(sdar, hf, text):
     ids = sdar.encode(text)
     assert ids == hf.encode(text, add_special_tokens=False)
     assert sdar.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def hf_auto():
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(SDAR_DIR, local_files_only=True)
+
+
+@pytest.mark.parametrize("text", HARD_TEXTS)
+def test_encode_matches_transformers_auto_tokenizer(sdar, hf_auto, text):
+    assert sdar.encode(text) == hf_auto.encode(text, add_special_tokens=False)
+
+
+def test_literal_mask_text_is_not_the_mask_token(sdar):
+    # added_tokens.json says `<MASK>` for id 151669, tokenizer_config.json's
+    # added_tokens_decoder says `<|MASK|>`: the decoder wins (as in transformers),
+    # so user text cannot inject mask ids. Ids from transformers 5.23 on these files.
+    assert sdar.encode("<MASK><MASK> masked <|MASK|>") == [33274, 7384, 1784, 49863, 29, 42148, 220, 151669]
+    assert sdar.mask_token_id == 151669
+    with pytest.raises(TokenizerError, match="<MASK>"):
+        sdar.token_to_id("<MASK>")
 
 
 def test_batch_encode_matches_single(sdar):
@@ -69,7 +100,6 @@ def test_special_token_ids(sdar):
     assert sdar.token_to_id("<|endoftext|>") == 151643
     assert sdar.token_to_id("<|im_start|>") == 151644
     assert sdar.token_to_id("<|im_end|>") == 151645
-    assert sdar.token_to_id("<MASK>") == 151669
     assert sdar.token_to_id("<|MASK|>") == 151669
     assert sdar.eos_token_id == 151643
     assert sdar.pad_token_id == 151643
@@ -83,8 +113,7 @@ def test_special_tokens_are_single_ids_inside_text(sdar):
     a, b = sdar.encode("a"), sdar.encode("b")
     assert sdar.encode("a<|endoftext|>b") == a + [151643] + b
     assert sdar.encode("a<|im_end|>b") == a + [151645] + b
-    assert sdar.encode("a<MASK>b<MASK><MASK>") == a + [151669] + b + [151669, 151669]
-    # The alias decodes to the canonical string of tokenizer_config.json.
+    assert sdar.encode("a<|MASK|>b<|MASK|><|MASK|>") == a + [151669] + b + [151669, 151669]
     assert sdar.decode([151669]) == "<|MASK|>"
 
 
@@ -153,6 +182,15 @@ def test_vocab_merges_with_legacy_added_tokens_only(tmp_path):
     assert tok.eos_token_id is None
     with pytest.raises(TokenizerError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_tokenizer_json_is_named(tmp_path, damage):
+    source = os.path.join(CHAR_TOKENIZER_DIR, "tokenizer.json")
+    data = open(source, "rb").read()
+    (tmp_path / "tokenizer.json").write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage")
+    with pytest.raises(TokenizerError, match=f"{tmp_path}/tokenizer.json could not be read"):
+        Tokenizer.from_dir(tmp_path)
 
 
 def test_missing_files_name_directory_and_expected_files(tmp_path):

@@ -1,5 +1,7 @@
 """Answer extraction and equality on realistic model outputs."""
 
+import os
+
 import pytest
 
 from sdar_jax.data import tasks
@@ -160,3 +162,105 @@ def test_unknown_style_is_named():
         is_correct("1", "1", "latex")
     with pytest.raises(ValueError, match="'latex'"):
         answer_key("1", "latex")
+
+
+# ---- lm-evaluation-harness's GSM8K rules ------------------------------------------------------
+
+# (prediction, reference, strict-match verdict, flexible-extract verdict)
+LM_EVAL_GSM8K_CASES = [
+    (GSM8K_OUTPUT, "72", True, True),
+    (GSM8K_OUTPUT, "Natalia sold ... altogether.\n#### 72", True, True),  # full solution
+    ("She pays 2 * $1,250 = $2,500.\n#### $2,500.", "2500", False, True),  # `$` after ####: no strict
+    ("She pays 2 * 1,250 = 2,500.\n#### 2,500.", "2500", True, True),  # separators and final period
+    ("#### 18.00", "18", False, False),  # string equality, not numeric
+    ("First #### 12 then I reconsider.\n#### 15", "15", False, True),  # strict takes the first
+    ("#### 15\nCheck: 3 + 12 = 15.", "15", True, True),
+    ("#### 15\nCheck: 3 + 12 = 16.", "15", True, False),  # flexible takes the last number
+    ("The answer is 7", "7", False, True),  # one digit: the second alternative
+    ("#### 42 dollars", "42", True, True),  # a unit after the number
+    ("The total is -3.", "-3", False, True),
+    ("no number at all", "0", False, False),
+]
+
+
+@pytest.mark.parametrize("prediction, reference, strict, flexible", LM_EVAL_GSM8K_CASES)
+def test_gsm8k_lm_eval_rules(prediction, reference, strict, flexible):
+    assert is_correct(prediction, reference, "gsm8k_strict") is strict
+    assert is_correct(prediction, reference, "gsm8k_flexible") is flexible
+
+
+def test_gsm8k_lm_eval_rules_match_lm_eval_itself():
+    """The same verdicts from lm-eval's own regex filters and exact_match metric."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e .[lm-eval])")
+    import yaml  # lm-eval's dependency
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+
+    with open(os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "gsm8k", "gsm8k.yaml")) as f:
+        task = yaml.safe_load(f)
+    (metric,) = task["metric_list"]
+    filters = {f["name"]: f["filter"][0] for f in task["filter_list"]}
+    for name, style in (("strict-match", "gsm8k_strict"), ("flexible-extract", "gsm8k_flexible")):
+        rule = filters[name]
+        regex = RegexFilter(rule["regex_pattern"], rule.get("group_select", 0))
+        for prediction, reference, *_ in LM_EVAL_GSM8K_CASES:
+            (extracted,) = regex.apply([[prediction]], [{}])[0]
+            theirs = float(exact_match_hf_evaluate(
+                [extracted], [reference], regexes_to_ignore=metric["regexes_to_ignore"],
+                ignore_case=metric["ignore_case"], ignore_punctuation=metric["ignore_punctuation"],
+            )["exact_match"]) == 1.0
+            assert is_correct(prediction, reference, style) is theirs, (name, prediction)
+
+
+def test_gsm8k_lm_eval_extraction():
+    assert answers.extract_gsm8k_strict("#### 1,234. and #### 5") == "1,234."
+    assert answers.extract_gsm8k_flexible("costs $1,234. Done") == "$1,234."
+    assert answers.extract_gsm8k_flexible("no digits") is None
+    assert answer_key("$1,234.", "gsm8k_flexible") == answer_key("1234", "gsm8k_strict") == "1234"
+
+
+# ---- MATH with math-verify --------------------------------------------------------------------
+
+@pytest.mark.parametrize("prediction, reference, expected", [
+    ("so $p = \\boxed{\\dfrac{3}{4}}$.", "0.75", True),  # fraction vs decimal
+    ("$\\boxed{\\frac{2}{4}}$", "\\frac12", True),  # arithmetic, which Hendrycks lacks
+    ("$\\boxed{\\frac{\\sqrt{2}}{2}}$", "\\frac{1}{\\sqrt{2}}", True),
+    ("$\\boxed{\\frac{1}{3}}$", "0.33", False),
+    ("first \\boxed{1}, finally \\boxed{\\boxed{\\frac{7}{2}}}", "3.5", True),  # nested boxes
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3,\\frac{\\pi}{2})", True),
+    ("\\boxed{10\\text{ cm}}", "10", True),  # units
+    ("\\boxed{5 \\text{cm}}", "5", True),  # a unit Hendrycks keeps
+    ("\\boxed{1,000}", "1000", True),  # thousands separators
+    ("\\boxed{1{,}000}", "1000", True),
+    ("\\boxed{5.}", "5", True),  # a trailing period inside the box
+    ("The answer is \\boxed{5}.", "The answer is $\\boxed{5}$.", True),  # full reference solution
+    ("\\boxed{\\{2, 1\\}}", "\\{1,2\\}", True),  # sets in any order
+    ("\\boxed{3}", "x = 3", True),  # the reference's assignment
+    ("\\boxed{(x+1)^2}", "x^2+2x+1", True),
+    ("\\boxed{12}", "-12", False),
+    ("The answer is 5.", "5", False),  # no box
+])
+def test_math_verify_grading(prediction, reference, expected):
+    pytest.importorskip("math_verify", reason="math-verify is not installed")
+    assert is_correct(prediction, reference, "math") is expected
+
+
+def test_math_hendrycks_style_is_the_old_normaliser():
+    assert is_correct("\\boxed{\\dfrac{1}{2}}", "0.5", "math_hendrycks")
+    assert not is_correct("\\boxed{\\frac{2}{4}}", "\\frac12", "math_hendrycks")
+    assert not is_correct("\\boxed{5 \\text{cm}}", "5", "math_hendrycks")
+
+
+def test_math_without_math_verify_warns_and_uses_hendrycks(monkeypatch):
+    monkeypatch.setattr(answers, "_math_verify", lambda: None)
+    with pytest.warns(UserWarning, match="math-verify is not installed"):
+        assert is_correct("\\boxed{\\dfrac{1}{2}}", "0.5", "math")
+    with pytest.warns(UserWarning, match="math-verify is not installed"):
+        assert not is_correct("\\boxed{\\frac{2}{4}}", "\\frac12", "math")
+    assert not answers.math_verify_available()
+
+
+def test_math_verify_unparseable_side_falls_back_to_hendrycks():
+    pytest.importorskip("math_verify", reason="math-verify is not installed")
+    assert answers.math_verify_equiv("", "5") is None
+    assert not is_correct("\\boxed{}", "5", "math")

@@ -80,3 +80,32 @@ def test_evaluate_usage_errors_exit_2(setup, capsys, extra, message):
     assert cli.main(argv + extra) == 2
     err = capsys.readouterr().err
     assert err.startswith("evaluate: error:") and message in err
+
+
+@pytest.fixture(autouse=True)
+def _no_disk_cache(monkeypatch):
+    """The CLI's persistent compilation cache stays off in tests (it is process-global)."""
+    monkeypatch.setenv("SDAR_JAX_COMPILATION_CACHE", "off")
+
+
+def test_unwritable_outputs_are_refused_before_any_work(setup, capsys):
+    cli, _, data, tmp = setup
+    blocker = tmp / "blocker"
+    blocker.write_text("")
+    for flag, path in (("--output", tmp), ("--output", blocker / "o.jsonl"),
+                       ("--summary", tmp)):
+        # The checkpoint does not exist: the output paths are checked first.
+        rc = cli.main(["--ckpt", str(tmp / "missing"), "--data", str(data), flag, str(path)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and flag in err and str(path) in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--block-length", "0"], "--block-length must be >= 1, got 0"),
+    (["--stop-ids", "103"], "id 103 is outside the vocabulary [0, 103)"),
+])
+def test_bad_block_length_and_stop_ids_exit_2(setup, capsys, extra, message):
+    cli, ckpt, data, _ = setup
+    assert cli.main(["--ckpt", str(ckpt), "--data", str(data), "--no-progress"] + extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

@@ -41,12 +41,11 @@ def test_plan_batches_places_each_row_once_in_its_smallest_bucket():
     rows = [r for p in plans for r in p.rows]
     assert sorted(rows) == [(e, s) for e in range(len(lengths)) for s in range(3)]
     for p in plans:
-        assert 1 <= len(p.rows) <= p.batch_size <= 4
+        assert p.batch_size == min(4, len(p.rows))  # slots of continuous batching
         for e, _ in p.rows:
             assert p.bucket_length == min(b for b in bounds if b >= lengths[e])
-    # One batch shape per bucket.
-    shapes = {(p.bucket_length, p.batch_size) for p in plans}
-    assert len(shapes) == len({p.bucket_length for p in plans})
+    # One decoder call (one shape) per bucket.
+    assert len(plans) == len({p.bucket_length for p in plans}) == 3
     with pytest.raises(ValueError, match="exceeds the last bucket"):
         runner.plan_batches([80], 1, [72], 4)
 
@@ -85,14 +84,16 @@ EXAMPLES = [  # tasks, prompts of three lengths (three buckets), answers
 
 
 def _scripted_generate(correct_of, forwards_of):
-    """A stand-in for decoder.generate: the text of row r is `#### <answer>` when
+    """A stand-in for decoder.generate_many: the text of row r is `#### <answer>` when
     correct_of(example, sample) else `#### wrong`, then <|im_end|>; row r reports
     forwards_of(example, sample) forwards and twice as many committed positions.
-    The example is recovered from the prompt ids, the sample from the row's key."""
+    The example is recovered from the prompt ids, the sample from the row's key.
+    Rows are reported to the on_finish hook in reverse order, two at a time."""
     prompt_ids = runner.encode_prompts(TOK, [e["prompt"] for e in EXAMPLES], chat=True)
     calls = []
 
-    def generate(params, config, prompt_tokens, prompt_lengths, rng, decode_config):
+    def generate(params, config, prompt_tokens, prompt_lengths, rng, decode_config,
+                 num_slots=None, hooks=decoder.Hooks()):
         prompt_tokens, prompt_lengths = np.asarray(prompt_tokens), np.asarray(prompt_lengths)
         calls.append(prompt_tokens.shape)
         batch, g = prompt_tokens.shape[0], decode_config.max_new_tokens
@@ -109,6 +110,12 @@ def _scripted_generate(correct_of, forwards_of):
             out = TOK.encode(text) + [TOK.token_to_id("<|im_end|>")]
             tokens[r, :len(out)] = out
             lengths[r], forwards[r] = len(out), forwards_of(e, s)
+        if hooks.on_finish is not None:
+            order = np.arange(batch)[::-1]
+            for pair in range(0, batch, 2):
+                items = order[pair:pair + 2]
+                hooks.on_finish(items, np.ones(len(items), bool), tokens[items], lengths[items],
+                                forwards[items], 2 * forwards[items])
         return DecodeResult(
             tokens=tokens, lengths=lengths, canvas=None, num_forwards=forwards,
             num_committed=2 * forwards, tokens_per_forward=np.full(batch, 2.0, np.float32),
@@ -122,11 +129,18 @@ def test_scoring_bookkeeping_matches_an_independent_count(monkeypatch):
     correct_of = lambda e, s: (e + s) % 3 == 0 or e == 4  # noqa: E731
     forwards_of = lambda e, s: 3 + e + s  # noqa: E731
     generate, calls = _scripted_generate(correct_of, forwards_of)
-    monkeypatch.setattr(runner.decoder, "generate", generate)
+    monkeypatch.setattr(runner.decoder, "generate_many", generate)
     settings = runner.EvalSettings(n_samples=n, ks=(1, 2, 4), batch_size=6, num_buckets=3,
                                    seed=7, progress=False)
     dc = DecodeConfig(temperature=1.0, max_new_tokens=24, stop_ids=STOP)
-    result = runner.evaluate({}, get_preset("tiny"), TOK, EXAMPLES, dc, settings)
+    streamed = []
+    result = runner.evaluate({}, get_preset("tiny"), TOK, EXAMPLES, dc, settings,
+                             on_record=lambda e, record: streamed.append((e, record)))
+    # Each record was handed out once, as its last sample finished, equal to the final one.
+    assert sorted(e for e, _ in streamed) == list(range(len(EXAMPLES)))
+    assert [e for e, _ in streamed] != list(range(len(EXAMPLES)))  # completion order
+    for e, record in streamed:
+        assert record == result.records[e]
 
     # Independent counts.
     c = [sum(correct_of(e, s) for s in range(n)) for e in range(len(EXAMPLES))]
@@ -156,9 +170,9 @@ def test_scoring_bookkeeping_matches_an_independent_count(monkeypatch):
         assert [s["correct"] for s in r["samples"]] == [correct_of(e, s) for s in range(n)]
         assert r["samples"][0]["text"].startswith("#### ") and "<|im_end|>" not in r["samples"][0]["text"]
         assert r["task"] == EXAMPLES[e]["task"]
-    # Every batch shape is one of at most three buckets' shapes.
-    assert len(set(calls)) <= 3
-    assert sum(s[0] for s in calls) >= n * len(EXAMPLES)
+    # One call per bucket, at most three, holding every row once.
+    assert len(calls) <= 3
+    assert sum(s[0] for s in calls) == n * len(EXAMPLES)
     json.dumps(result.summary)  # JSON-ready
 
 

@@ -114,7 +114,7 @@ def test_ar_checkpoint_decodes_in_ar_mode(ar_ckpt, tmp_path, capsys):
         (("--prompt", "abc", "--max-new-tokens", 600), "600"),
         (("--prompt", "abc", "--strategy", "greedy_fast"), "greedy_fast"),
         (("--prompt", "abc", "--threshold", 1.5), "1.5"),
-        (("--prompt", "abc", "--strategy", "said", "--steps", 4, "--said-rec-steps", 1), "budget"),
+        (("--prompt", "abc", "--strategy", "said", "--steps", 1, "--said-rec-steps", 1), "budget"),
     ],
 )
 def test_errors_are_one_line(sdar_ckpt, capsys, extra, needle):
@@ -134,3 +134,87 @@ def test_unknown_strategy_lists_valid_ones(sdar_ckpt, capsys):
     code, _, err = _run(capsys, "--ckpt", sdar_ckpt[0], "--prompt", "a", "--strategy", "nope")
     assert code == 2
     assert all(name in err for name in ("sequential", "entropy_bounded", "said_chlg"))
+
+
+@pytest.fixture(autouse=True)
+def _no_disk_cache(monkeypatch):
+    """The CLI's persistent compilation cache stays off in tests (it is process-global)."""
+    monkeypatch.setenv("SDAR_JAX_COMPILATION_CACHE", "off")
+
+
+def test_bad_output_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    # The checkpoint does not exist either: the output is checked first.
+    for output, needle in ((tmp_path, "is a directory"), (blocker / "x.jsonl", "not a directory")):
+        code, _, err = _run(capsys, "--ckpt", tmp_path / "missing", "--prompt", "a",
+                            "--output", output)
+        assert code == 2 and err.count("\n") == 1 and str(output) in err and needle in err
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (("--block-length", 0), "--block-length must be >= 1, got 0"),
+        (("--stop-ids", "3,100000"), "id 100000 is outside the vocabulary"),
+        (("--stop-ids", "-1"), "id -1 is outside the vocabulary"),
+    ],
+)
+def test_bad_block_length_and_stop_ids(sdar_ckpt, capsys, extra, needle):
+    ckpt, config, *_ = sdar_ckpt
+    code, _, err = _run(capsys, "--ckpt", ckpt, "--prompt", "abc", *extra)
+    assert code == 2 and err.count("\n") == 1 and needle in err
+    if "stop" in needle:
+        assert str(config.vocab_size) in err
+
+
+def test_results_are_written_as_they_finish(sdar_ckpt, tmp_path, capsys, monkeypatch):
+    """More prompts than slots: every result reaches the file during decoding (a
+    failure afterwards loses none), and the finished file is in input order."""
+    from sdar_jax.eval import runner
+
+    ckpt, *_ = sdar_ckpt
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_ids": list(range(20, 20 + n))}) + "\n"
+                               for n in (3, 9, 5, 7, 4)))
+    output = tmp_path / "out.jsonl"
+    args = ("--ckpt", ckpt, "--prompts-file", prompts, "--output", output, "--batch-size", 2,
+            "--block-length", 4, "--threshold", 0.5, "--max-new-tokens", 8, "--stop-ids", "40,41")
+
+    def fail(self, records):
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner.JsonlStream, "finish", fail)
+        with pytest.raises(RuntimeError):
+            _run(capsys, *args)
+    streamed = [json.loads(x) for x in output.read_text().splitlines()]
+    assert sorted(r["index"] for r in streamed) == list(range(5))
+    code, _, err = _run(capsys, *args)
+    assert code == 0, err
+    final = [json.loads(x) for x in output.read_text().splitlines()]
+    assert [r["index"] for r in final] == list(range(5))
+    assert sorted(final, key=str) == sorted(streamed, key=str)
+    assert not os.path.exists(str(output) + ".partial")
+
+
+def test_compilation_cache_location(tmp_path, monkeypatch):
+    import argparse
+
+    from jax._src import compilation_cache
+
+    from sdar_jax.decode import cli as decode_cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("SDAR_JAX_COMPILATION_CACHE")
+    assert decode_cli.default_cache_dir() == str(tmp_path / "xdg" / "sdar_jax" / "jax")
+    monkeypatch.setenv("SDAR_JAX_COMPILATION_CACHE", str(tmp_path / "env"))
+    assert decode_cli.default_cache_dir() == str(tmp_path / "env")
+    assert decode_cli.enable_compilation_cache(argparse.Namespace(compilation_cache="off")) is None
+    chosen = str(tmp_path / "flag")
+    try:
+        assert decode_cli.enable_compilation_cache(argparse.Namespace(compilation_cache=chosen)) == chosen
+        assert jax.config.jax_compilation_cache_dir == chosen and os.path.isdir(chosen)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()

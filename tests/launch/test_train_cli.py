@@ -1,13 +1,19 @@
 """launch/train.py end to end: configs/tiny.py with command-line overrides trains a
 few steps on the shipped task data, writes checkpoints, event files and the
-exported params, and rejects a config with a required field unset."""
+exported params; bad input (a required field unset, a missing or truncated
+tokenizer, a malformed data line) exits 2 with one line naming it."""
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
+
 from sdar_jax.convert import load_params_checkpoint
+from sdar_jax.data.tasks import TASK_DIR
+from sdar_jax.data.tokenizer import CHAR_TOKENIZER_DIR
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,3 +56,55 @@ def test_unset_required_field_exits_2():
     proc = _train()
     assert proc.returncode == 2
     assert "train.workdir is required" in proc.stderr
+
+
+# ---- bad input: one line, exit 2 (a non-finite loss is 3, a crash 1) ----------------------
+
+
+def _tiny(workdir, *overrides):
+    return _train(
+        f"--config.train.workdir={workdir}", "--config.train.checkpoint_every=2",
+        "--config.train.eval_every=1000", "--config.train.log_every=1",
+        "--config.optimizer.warmup_steps=1", "--config.data.seq_len=128",
+        "--config.data.global_batch_size=8", "--config.model.overrides.num_layers=2",
+        "--config.train.progress_bar=False", *overrides,
+    )
+
+
+def _last_line(proc):
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_missing_tokenizer_exits_2_naming_it(tmp_path):
+    proc = _tiny(tmp_path / "run", f"--config.data.tokenizer_dir={tmp_path}/absent")
+    assert proc.returncode == 2
+    assert f"{tmp_path}/absent" in _last_line(proc) and "does not exist" in _last_line(proc)
+
+
+def test_truncated_tokenizer_json_exits_2_naming_it(tmp_path):
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(CHAR_TOKENIZER_DIR, tokenizer)
+    data = (tokenizer / "tokenizer.json").read_bytes()
+    (tokenizer / "tokenizer.json").write_bytes(data[: len(data) // 2])
+    proc = _tiny(tmp_path / "run", f"--config.data.tokenizer_dir={tokenizer}")
+    assert proc.returncode == 2
+    assert f"{tokenizer}/tokenizer.json could not be read" in _last_line(proc)
+
+
+@pytest.mark.slow
+def test_malformed_line_deep_in_the_data_exits_2_then_skip_finishes(tmp_path):
+    lines = open(os.path.join(TASK_DIR, "train.jsonl")).read().splitlines()[:300]
+    lines[99] = lines[99][:-5]  # line 100: cut off mid-object
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(lines) + "\n")
+    common = (f"--config.data.train_path={train}", "--config.data.shuffle=False", "--config.train.steps=10")
+    proc = _tiny(tmp_path / "run", *common)
+    assert proc.returncode == 2
+    assert f"{train}:100: invalid JSON" in _last_line(proc)
+
+    proc = _tiny(tmp_path / "run", *common, "--config.data.on_bad_record=skip",
+                 "--config.train.allow_config_change=True")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train: finished at step 10 (1 malformed records skipped)" in proc.stderr.splitlines()
+    assert f"{train}:100: invalid JSON" in proc.stderr  # the warning names the record

@@ -1,9 +1,13 @@
 """The training loop: exact resume, eval and event files, the non-finite-loss stop,
-and SIGTERM (in a subprocess)."""
+SIGTERM and kill -9 (in a subprocess), the fallback from a damaged checkpoint and
+the config check on resume."""
 
 import glob
 import json
+import logging
 import os
+import shutil
+import struct
 import signal
 import subprocess
 import sys
@@ -16,6 +20,7 @@ import pytest
 from train_synthetic import synthetic_iterator, tiny_config
 
 from sdar_jax import checkpoint as checkpoint_lib
+from tests.test_checkpoint import DAMAGE
 from sdar_jax.config import to_hf_config
 from sdar_jax.convert import load_params_checkpoint, save_params_checkpoint
 from sdar_jax.model import transformer
@@ -56,14 +61,18 @@ def _run(config, **kwargs):
 
 
 def _steps(workdir):
-    return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
+    names = (os.path.basename(p) for p in glob.glob(os.path.join(workdir, "checkpoints", "[0-9]*")))
+    return sorted(int(n) for n in names if n.isdigit())
 
 
 def test_resume_is_exact_step_for_step(tmp_path):
     full = _run(_config(tmp_path / "full", 6), eval_data=_eval_data)
     first = _run(_config(tmp_path / "split", 3))
-    # A fresh iterator: the checkpoint must put it back at batch 3.
-    second = _run(_config(tmp_path / "split", 6))
+    # A fresh iterator: the checkpoint must put it back at batch 3. train.steps
+    # differs from the checkpoint's (the schedule does not: decay_steps is fixed).
+    longer = _config(tmp_path / "split", 6)
+    longer.train.allow_config_change = True
+    second = _run(longer)
 
     assert (full.step, first.step, second.step) == (6, 3, 6)
     assert not (full.preempted or first.preempted or second.preempted)
@@ -96,7 +105,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     tx = optimizer.make_optimizer(config.optimizer, config.train.steps)
     abstract = checkpoint_lib.with_shardings(abstract_train_state(model, tx))
     with checkpoint_lib.Checkpointer(tmp_path / "checkpoints", save_every=2, keep=5) as ckpt:
-        state, step = ckpt.restore(abstract, synthetic_iterator())
+        state, step, _ = ckpt.restore(abstract, synthetic_iterator())
     assert step == 4 and int(state.step) == 4
     assert all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(state.params))
 
@@ -154,3 +163,135 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert 2 <= result["step"] < 100000
     assert _steps(workdir)[-1] == result["step"]
     assert "preemption requested" in stderr
+
+
+# ---- a damaged latest checkpoint -----------------------------------------------------------
+
+
+def _exported(workdir, steps, **train):
+    config = _config(workdir, steps)
+    config.train.update(export=True, **train)
+    result = _run(config)
+    assert result.step == steps
+    return load_params_checkpoint(result.export_dir)[1]
+
+
+@pytest.mark.slow
+def test_damaged_latest_checkpoint_falls_back_and_matches_a_clean_run(tmp_path, caplog):
+    source = tmp_path / "source"
+    clean = _exported(source, 6)  # uninterrupted; checkpoints 2, 4, 6
+    for damage in ("flipped_bytes", "truncated_file", "deleted_manifests", "deleted_state",
+                   "garbage_iterator_json"):
+        workdir = tmp_path / damage
+        shutil.copytree(source, workdir)
+        shutil.rmtree(workdir / "export")
+        # The newest step is damaged: the rerun must redo steps 5 and 6 from step 4.
+        DAMAGE[damage](str(workdir / "checkpoints" / "6"))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sdar_jax.checkpoint"):
+            params = _exported(workdir, 6)
+        warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+        assert len(warnings) == 1 and "step 6" in warnings[0], (damage, warnings)
+        jax.tree.map(np.testing.assert_array_equal, params, clean)
+        assert _steps(workdir) == [2, 4, 6]  # step 6 rewritten, the damaged one set aside
+        assert os.path.isdir(workdir / "checkpoints" / "6.damaged")
+
+
+def test_no_intact_checkpoint_stops(tmp_path):
+    _run(_config(tmp_path, 2))
+    DAMAGE["flipped_bytes"](str(tmp_path / "checkpoints" / "2"))
+    with pytest.raises(checkpoint_lib.CheckpointIntegrityError, match="step 2: state/.*SHA-256"):
+        _run(_config(tmp_path, 2))
+
+
+# ---- the config check on resume ------------------------------------------------------------
+
+
+def test_resume_refuses_architecture_and_data_layout_changes(tmp_path):
+    _run(_config(tmp_path, 2))
+    changed = _config(tmp_path, 2)
+    changed.model.overrides.num_layers = 3
+    changed.data.seq_len = 72
+    changed.train.allow_config_change = True  # never enough for these
+    with pytest.raises(run_config.ConfigChangeError) as err:
+        _run(changed)
+    message = str(err.value)
+    assert "architecture or data layout" in message
+    assert "model.overrides.num_layers: 2 -> 3" in message and "data.seq_len: 36 -> 72" in message
+
+
+def test_resume_refuses_other_changes_unless_allowed(tmp_path, caplog):
+    _run(_config(tmp_path, 2))
+    changed = _config(tmp_path, 4)
+    changed.optimizer.peak_lr = 1e-3
+    changed.train.checkpoint_every = 1
+    with pytest.raises(run_config.ConfigChangeError, match="allow_config_change=True") as err:
+        _run(changed)
+    for line in ("optimizer.peak_lr: 0.003 -> 0.001", "train.checkpoint_every: 2 -> 1", "train.steps: 2 -> 4"):
+        assert line in str(err.value)
+    assert _steps(tmp_path) == [2]
+
+    changed.train.allow_config_change = True
+    with caplog.at_level(logging.WARNING, logger="sdar_jax.train.loop"):
+        result = _run(changed)
+    assert result.step == 4 and len(result.history) == 2
+    (warning,) = [r.getMessage() for r in caplog.records if "changed config" in r.getMessage()]
+    assert "optimizer.peak_lr: 0.003 -> 0.001" in warning
+
+
+def test_unchanged_resume_and_free_fields_pass():
+    saved = json.loads(json.dumps(_config("/a", 6).to_dict()))
+    moved = _config("/elsewhere", 6)
+    moved.mesh.data = 1
+    moved.model.remat_policy = "full"
+    assert run_config.resume_changes(saved, moved.to_dict()) == []
+    # A field the saved config predates counts only when it leaves its default.
+    del saved["data"]["on_bad_record"]
+    assert run_config.resume_changes(saved, moved.to_dict()) == []
+    moved.data.on_bad_record = "skip"
+    (change,) = run_config.resume_changes(saved, moved.to_dict())
+    assert str(change) == "data.on_bad_record: 'error' -> 'skip'" and not change.fixed
+
+
+# ---- kill -9: the event files hold every step up to the newest checkpoint --------------------
+
+
+def _event_steps(workdir, tag="train/loss"):
+    """Steps of the `tag` scalars in the event files (TFRecord framing; a torn last record is ignored)."""
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")):
+        data = open(path, "rb").read()
+        offset = 0
+        while offset + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            if offset + 12 + length + 4 > len(data):
+                break
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+            offset += 12 + length + 4
+    return sorted(steps)
+
+
+def test_event_files_agree_with_checkpoints_after_kill_9(tmp_path):
+    workdir = str(tmp_path / "run")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD.format(here=HERE, workdir=workdir).replace("log_every=50", "log_every=1")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    sealed = os.path.join(workdir, "checkpoints", "2", checkpoint_lib.INTEGRITY_FILE)
+    try:
+        deadline = time.monotonic() + 400
+        while not os.path.exists(sealed):
+            assert child.poll() is None, child.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the child never saved step 2"
+            time.sleep(0.2)
+        child.send_signal(signal.SIGKILL)
+        child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    newest = _steps(workdir)[-1]
+    assert newest >= 2
+    assert set(range(1, newest + 1)) <= set(_event_steps(workdir))
