@@ -37,6 +37,9 @@ recorded as skipped, never silently dropped):
                exactly 1, comparable across runs), tokens/s, and batch 1 against
                the weight-bandwidth roofline (one read of the weights per forward).
 
+Compilations go to JAX's persistent cache (`--compilation-cache DIR|off`, as
+the decoding CLIs), so a rerun on the same machine skips them.
+
 Targets (judged only on an accelerator): attention at 4k >= 1.6x XLA dense;
 MFU >= 45 %; batch-128 decoding >= 10,000 tokens/s; batch-1 decoding >= 70 % of
 the roofline. Exit status 1 when a correctness check fails, 2 on bad flags.
@@ -68,6 +71,7 @@ import numpy as np
 
 from sdar_jax import perf
 from sdar_jax.config import get_preset
+from sdar_jax.decode import cli as decode_cli
 from sdar_jax.ops import attention, kernel_check, masks, pallas_attention, pallas_decode, pallas_gpu
 
 TOLERANCES = {
@@ -600,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="dense bf16 peak for MFU, with --hbm-tbps (default: the published figures "
                              "of a device in sdar_jax.perf.DEVICE_PEAKS)")
     parser.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth for the roofline")
+    decode_cli.add_cache_args(parser)  # a rerun on the same machine skips the compiles
     args = parser.parse_args(argv)
     given = [x for x in (args.peak_tflops, args.hbm_tbps) if x is not None]
     if len(given) == 1 or any(x <= 0 for x in given):
@@ -612,6 +617,11 @@ def main(argv: list[str] | None = None) -> int:
         probe.close()
     except OSError as exc:
         print(f"accelerator_check: --out {args.out!r} is not a writable directory: {exc}", file=sys.stderr)
+        return 2
+    try:
+        decode_cli.enable_compilation_cache(args)
+    except decode_cli.DecodingArgsError as exc:
+        print(f"accelerator_check: {exc}", file=sys.stderr)
         return 2
     if not args.smoke and jax.default_backend() != "gpu":
         print(f"accelerator_check: the full mode needs a GPU, JAX's backend is {jax.default_backend()!r}; "

@@ -22,7 +22,8 @@ def _load():
 def test_smoke_run_writes_a_complete_report(tmp_path):
     check = _load()
     # A made-up peak, so the MFU and roofline code runs too (a CPU is not in the device table).
-    assert check.main(["--smoke", "--out", str(tmp_path), "--peak-tflops", "1", "--hbm-tbps", "1"]) == 0
+    assert check.main(["--smoke", "--out", str(tmp_path), "--peak-tflops", "1", "--hbm-tbps", "1",
+                       "--compilation-cache", "off"]) == 0
     report = json.loads((tmp_path / "accelerator_check.json").read_text())
     for section in check.SECTIONS:
         assert section in report, section
@@ -56,7 +57,7 @@ def test_bad_output_directory_exits_2(tmp_path, capsys):
 
 
 def test_full_mode_refuses_a_cpu(tmp_path, capsys):
-    assert _load().main(["--out", str(tmp_path)]) == 2
+    assert _load().main(["--out", str(tmp_path), "--compilation-cache", "off"]) == 2
     assert "needs a GPU" in capsys.readouterr().err
 
 

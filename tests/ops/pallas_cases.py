@@ -16,8 +16,8 @@ def lowering_target(device_kind: str, platform: str, num_cores: int):
 
     JAX 0.11 asks the abstract mesh for the target of an ahead-of-time Triton or
     Mosaic lowering (GPU compute capability, TPU generation) instead of the
-    local device; 0.10 reads the same field for Mosaic. A one-device mesh keeps
-    `pallas_attention` off its shard_map path.
+    local device; 0.10 reads the same field for Mosaic. The mesh has one device,
+    so nothing is sharded.
     """
     device = AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform=platform)
     mesh = AbstractMesh((1,), ("lowering",), (AxisType.Explicit,), abstract_device=device)
