@@ -141,6 +141,7 @@ def run_layers(workdir: str, config: ModelConfig, repos: Mapping[str, str], max_
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
                 shutil.rmtree(back_dir, ignore_errors=True)
             rows.append(Row(code, config.num_layers, hf_bytes, ckpt_bytes, to_jax, to_hf))
+            print(f"measured: {rows[-1]}", file=sys.stderr, flush=True)  # a long run's rows as they come
     finally:
         shutil.rmtree(hf_dir, ignore_errors=True)
     return rows
