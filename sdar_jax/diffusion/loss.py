@@ -17,14 +17,20 @@ from typing import Any, Callable, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from sdar_jax.diffusion.noise import DEFAULT_EPS, DEFAULT_MAX_TRIES, diffusion_row, noise_tokens
+from sdar_jax.diffusion.noise import (
+    DEFAULT_EPS, DEFAULT_MAX_TRIES, complementary_noise, diffusion_row, noise_tokens, segment_bounds,
+)
+from sdar_jax import config as model_config_lib
 from sdar_jax.ops.masks import MaskSpec
 
 ApplyFn = Callable[..., Any]
 Normalization = Literal["non_prompt", "masked"]
 NORMALIZATIONS = ("non_prompt", "masked")
+LogitsConvention = Literal["same_position", "shifted"]
+LOGITS_CONVENTIONS = model_config_lib.LOGITS_CONVENTIONS
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
 
@@ -60,6 +66,41 @@ def _safe_div(num: jnp.ndarray, den: jnp.ndarray) -> jnp.ndarray:
     return num / jnp.maximum(den, 1).astype(jnp.float32)
 
 
+def prediction_index(seq: int, block_size: int, convention: LogitsConvention) -> np.ndarray:
+    """Which output of the 2L-token `[xt ; x0]` row predicts the token at each position j.
+
+    `same_position`: the noisy-half output at j. `shifted` (spec §2.7): the
+    noisy-half output at j - 1 when j is not the first position of its block,
+    else the clean-half output at j - 1 (index L + j - 1: the last position of
+    the previous clean block, which sees exactly the causal AR context). j = 0
+    has no predecessor; its entry (0) must not be used (see `shifted_eligible`).
+
+    Returns:
+      [seq] int32 indices into the row's 2L outputs.
+    """
+    if convention not in LOGITS_CONVENTIONS:
+        raise ValueError(f"logits convention {convention!r} is not one of {LOGITS_CONVENTIONS}")
+    j = np.arange(seq, dtype=np.int32)
+    if convention == "same_position":
+        return j
+    index = np.where(j % block_size == 0, seq + j - 1, j - 1)
+    index[0] = 0
+    return index.astype(np.int32)
+
+
+def shifted_eligible(loss_mask: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """loss_mask without the first token of each packed example (no predecessor to read from).
+
+    Args:
+      loss_mask: [batch, seq] bool; segment_ids: [batch, seq] int32.
+
+    Returns:
+      [batch, seq] bool.
+    """
+    start, _ = segment_bounds(segment_ids)
+    return loss_mask.astype(bool) & (start != jnp.arange(loss_mask.shape[1], dtype=start.dtype))
+
+
 def sdar_loss(
     apply_fn: ApplyFn,
     params: Any,
@@ -71,14 +112,27 @@ def sdar_loss(
     normalization: Normalization = "non_prompt",
     eps: float = DEFAULT_EPS,
     max_tries: int = DEFAULT_MAX_TRIES,
+    logits_convention: LogitsConvention = "same_position",
+    complementary: bool = False,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """The SDAR objective: masked-token CE weighted by 1/p over the `[xt ; x0]` row.
 
     loss = sum over masked i of CE(logits_i, x0_i) / p_i, divided by the number
-    of loss_mask tokens in the batch (`normalization="non_prompt"`, the
+    of maskable tokens in the batch (`normalization="non_prompt"`, the
     release's current code) or by the number of masked tokens (`"masked"`, what
-    the released checkpoints were trained with). Position i predicts the token
-    at i (no shift); logits are read from the noisy half only.
+    the released checkpoints were trained with). With the default
+    `same_position` convention position i predicts the token at i and logits
+    are read from the noisy half only; with `shifted` the prediction of token
+    i is read from the output `prediction_index` names (both halves' logits
+    are computed: the head runs on 2L positions), and the first token of each
+    packed example is never masked (it has no predecessor).
+
+    `complementary` (spec §2.7): each row is noised twice with complementary
+    masks (`noise.complementary_noise`, noise levels t and 1 - t), both copies
+    go through one forward of twice the rows, and the loss is the sum over
+    both copies divided by the sum of both copies' normalisers (2 x maskable
+    tokens, or all masked tokens of both): the mean of two unbiased
+    estimates. `max_tries` is unused then (every token is masked once).
 
     Args:
       apply_fn: the model function (see the module docstring).
@@ -91,38 +145,50 @@ def sdar_loss(
       normalization: "non_prompt" or "masked".
       eps: noise-level floor.
       max_tries: draws per segment before forcing one masked token.
+      logits_convention: "same_position" or "shifted".
+      complementary: noise every row twice with complementary masks.
 
     Returns:
       (loss, metrics): loss is a float32 scalar; metrics holds float32/int32
       scalars: loss, ce (unweighted mean CE over masked tokens), accuracy
-      (argmax hits over masked tokens), num_masked, num_loss_tokens,
-      weighted_ce_sum and normalizer (loss = weighted_ce_sum / max(normalizer,
-      1), for exact accumulation over micro-batches), aux_loss.
+      (argmax hits over masked tokens), num_masked, num_loss_tokens (maskable
+      tokens, counted once per copy), weighted_ce_sum and normalizer (loss =
+      weighted_ce_sum / max(normalizer, 1), for exact accumulation over
+      micro-batches), aux_loss.
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"sdar_loss: normalization {normalization!r} is not one of {NORMALIZATIONS}")
     _check_batch(batch, "sdar_loss")
     x0, loss_mask = batch["tokens"], batch["loss_mask"].astype(bool)
+    positions, segments = batch["positions"], batch["segment_ids"]
     seq = x0.shape[1]
     if seq % block_size:
         raise ValueError(f"sdar_loss: sequence length {seq} is not a multiple of block_size {block_size}")
-    noised = noise_tokens(
-        rng, x0, loss_mask, batch["segment_ids"],
-        mask_token_id=mask_token_id, eps=eps, max_tries=max_tries,
-    )
-    tokens, positions, segment_ids = diffusion_row(
-        noised.xt, x0, batch["positions"], batch["segment_ids"]
-    )
+    index = prediction_index(seq, block_size, logits_convention)
+    shifted = logits_convention == "shifted"
+    eligible = shifted_eligible(loss_mask, segments) if shifted else loss_mask
+    if complementary:
+        first, second = complementary_noise(
+            rng, x0, eligible, segments, mask_token_id=mask_token_id, eps=eps)
+        xt, masked, p = (jnp.concatenate([a, b], axis=0) for a, b in zip(first, second))
+        x0, positions, segments, eligible = (
+            jnp.concatenate([a, a], axis=0) for a in (x0, positions, segments, eligible))
+    else:
+        noised = noise_tokens(
+            rng, x0, eligible, segments, mask_token_id=mask_token_id, eps=eps, max_tries=max_tries,
+        )
+        xt, masked, p = noised
+    tokens, row_positions, row_segments = diffusion_row(xt, x0, positions, segments)
     out = apply_fn(
-        params, tokens, positions,
-        mask=MaskSpec("block_diffusion", block_size), segment_ids=segment_ids,
-        logits_slice=(0, seq),
+        params, tokens, row_positions,
+        mask=MaskSpec("block_diffusion", block_size), segment_ids=row_segments,
+        logits_slice=(0, 2 * seq) if shifted else (0, seq),
     )
-    ce, correct = token_cross_entropy(out.logits, x0)
-    masked = noised.masked
+    logits = out.logits[:, index] if shifted else out.logits
+    ce, correct = token_cross_entropy(logits, x0)
     num_masked = masked.sum(dtype=jnp.int32)
-    num_loss_tokens = loss_mask.sum(dtype=jnp.int32)
-    weighted_ce_sum = jnp.sum(jnp.where(masked, ce / noised.p, 0.0))
+    num_loss_tokens = eligible.sum(dtype=jnp.int32)
+    weighted_ce_sum = jnp.sum(jnp.where(masked, ce / p, 0.0))
     normalizer = num_loss_tokens if normalization == "non_prompt" else num_masked
     loss = _safe_div(weighted_ce_sum, normalizer)
     metrics = {

@@ -156,6 +156,55 @@ def noise_tokens(
     return NoisedTokens(xt=xt, masked=masked, p=p)
 
 
+def complementary_noise(
+    rng: jax.Array,
+    tokens: jnp.ndarray,
+    loss_mask: jnp.ndarray,
+    segment_ids: jnp.ndarray | None = None,
+    *,
+    mask_token_id: int,
+    eps: float = DEFAULT_EPS,
+) -> tuple[NoisedTokens, NoisedTokens]:
+    """Two noisings of the same tokens whose masks are exact complements (spec §2.7).
+
+    Every segment draws `t ~ U(eps, 1 - eps)`; the first copy masks each
+    eligible token independently with probability t, the second masks exactly
+    the eligible tokens the first left clean, an independent Bernoulli(1 - t)
+    mask (so its `p` is 1 - t). Every eligible token is masked in exactly one
+    copy. No forcing: a segment whose first copy masks nothing is fully masked
+    in the second.
+
+    Args: as `noise_tokens` (without max_tries); eps in (0, 0.5).
+
+    Returns:
+      (first, second) NoisedTokens; `first.masked ^ second.masked == eligible`.
+    """
+    if not 0.0 < eps < 0.5:
+        raise ValueError(f"complementary_noise: eps must lie in (0, 0.5), got {eps!r}")
+    if tokens.ndim != 2 or loss_mask.shape != tokens.shape:
+        raise ValueError(
+            f"complementary_noise: tokens {tokens.shape} must be [batch, seq] and loss_mask "
+            f"{loss_mask.shape} the same shape"
+        )
+    if segment_ids is None:
+        segment_ids = jnp.zeros(tokens.shape, jnp.int32)
+    elif segment_ids.shape != tokens.shape:
+        raise ValueError(
+            f"complementary_noise: segment_ids {segment_ids.shape} must match tokens {tokens.shape}"
+        )
+    eligible = loss_mask.astype(bool)
+    start, _ = segment_bounds(segment_ids)
+    t_rng, mask_rng = jax.random.split(rng)
+    t = _gather(jax.random.uniform(t_rng, tokens.shape, jnp.float32, eps, 1.0 - eps), start)
+    first = (jax.random.uniform(mask_rng, tokens.shape, jnp.float32) < t) & eligible
+    second = eligible & ~first
+    mask_id = jnp.asarray(mask_token_id, tokens.dtype)
+    return (
+        NoisedTokens(xt=jnp.where(first, mask_id, tokens), masked=first, p=t),
+        NoisedTokens(xt=jnp.where(second, mask_id, tokens), masked=second, p=1.0 - t),
+    )
+
+
 def diffusion_row(
     xt: jnp.ndarray, x0: jnp.ndarray, positions: jnp.ndarray, segment_ids: jnp.ndarray
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
