@@ -19,7 +19,17 @@ Diffusion mode (SDAR checkpoints), per row r with prompt length P_r:
     [finished block ; new block] (2B tokens) instead of spec §3.3's separate
     pass (same cache contents, one forward less per block);
   * after each block, a row whose generated part holds a stop id is finished
-    and frozen; so is a row whose canvas (ceil((P_r + G) / B) blocks) is full.
+    and frozen; so is a row whose canvas (ceil((P_r + G) / B) blocks) is full;
+  * logits conventions (spec §2.7, `ModelConfig.logits_convention`): with
+    "same_position" output j gives position j's proposal; with "shifted"
+    output j - 1 does. A block's first position is then predicted by the
+    previous block's last output in the fused [previous ; block] pass (for the
+    first decoded block too, re-running the last prompt block, so a prompt
+    ending on a boundary gets the AR prediction of its last token); that
+    proposal is kept for the block's later steps, whose B-token forwards
+    cannot see it.
+  * sampling keys: step s of the row's k-th decoded block draws with
+    fold_in(fold_in(row key, k), s) over the block's [B, vocab] logits.
 AR mode (plain Qwen3 checkpoints): next-token prediction with the causal mask
 and the same cache, one token per forward.
 
@@ -380,9 +390,41 @@ def _select(static, knobs, confidence, entropy, masked, step, stage_done):
     return commit & masked, stage_done
 
 
+class _StepState(NamedTuple):
+    """The denoising-step loop's state for one block (all rows).
+
+    first: ([batch] int32 token, [batch] float32 confidence, [batch] float32
+      entropy) of position 0's proposal at the block's first step (kept for the
+      whole block under the shifted convention).
+    """
+
+    step: jnp.ndarray
+    block: jnp.ndarray
+    masked: jnp.ndarray
+    cache: transformer.KVCache
+    stage_done: jnp.ndarray
+    first: tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]
+    block_forwards: jnp.ndarray
+    n_committed: jnp.ndarray
+
+
+def _previous_block(canvas, positions, b, mask_id):
+    """Positions [batch, B] and tokens of the block before each row's block at `positions`.
+
+    A row whose block starts at 0 has none: it gets mask tokens at the next
+    block's positions instead, slots nothing can see yet and its next block
+    overwrites (past the canvas, the cache write is dropped).
+    """
+    has_previous = positions[:, :1] >= b
+    previous_positions = jnp.where(has_previous, positions - b, positions + b)
+    tokens = jnp.take_along_axis(canvas, jnp.minimum(previous_positions, canvas.shape[1] - 1), axis=1)
+    return previous_positions, jnp.where(has_previous, tokens, mask_id)
+
+
 def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, config, static, stream):
     b = static.block_length
     g = static.max_new_tokens
+    shifted = config.logits_convention == "shifted"
     batch, max_prompt = prompt_tokens.shape
     canvas_len = -(-(max_prompt + g) // b) * b
     max_blocks = min(-(-g // b) + 1, canvas_len // b)
@@ -416,52 +458,74 @@ def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, conf
         masked0 = active[:, None] & (positions >= prompt_lengths[:, None])
         block = jnp.where(masked0, mask_id, block)
         block_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, k)
-        previous_positions = jnp.maximum(positions - b, 0)
-        previous_block = jnp.take_along_axis(canvas, previous_positions, axis=1)
+        previous_positions, previous_block = _previous_block(canvas, positions, b, mask_id)
 
         def denoise(block, cache):
-            return _forward(config, params, block, positions, block_mask, cache)
+            if not shifted:
+                return _forward(config, params, block, positions, block_mask, cache)
+            # Output j - 1 predicts position j; position 0's proposal is kept
+            # from the block's first step (the placeholder row is overridden).
+            logits, cache = _forward(config, params, block, positions, block_mask, cache, (0, b - 1))
+            placeholder = jnp.zeros((batch, 1, logits.shape[-1]), logits.dtype)
+            return jnp.concatenate([placeholder, logits], axis=1), cache
 
         def commit_previous_and_denoise(block, cache):
             # [previous block ; this block] in one call. The previous (finished)
             # block's queries see exactly what a separate commit pass would show
             # them (the past and their own block), so its keys and values are the
             # ones spec §3.3's extra pass writes; this block then attends to them.
+            # Shifted: the previous block's last output predicts position 0.
             tokens = jnp.concatenate([previous_block, block], axis=1)
             both = jnp.concatenate([previous_positions, positions], axis=1)
-            return _forward(config, params, tokens, both, block_mask, cache, (b, 2 * b))
+            head = (b - 1, 2 * b - 1) if shifted else (b, 2 * b)
+            return _forward(config, params, tokens, both, block_mask, cache, head)
 
         def step_cond(inner):
-            s, _, masked, *_ = inner
-            return (s < b) & jnp.any(masked)
+            return (inner.step < b) & jnp.any(inner.masked)
 
         def step_body(inner):
-            s, block, masked, cache, stage_done, block_forwards, n_committed = inner
+            s = inner.step
+            # Shifted: position 0 is predicted only in the pass that writes the
+            # previous block (for the first block too, from its prompt block).
+            first_pass = (s == 0) & ((k > 0) | shifted)
             logits, cache = jax.lax.cond(
-                (s == 0) & (k > 0), commit_previous_and_denoise, denoise, block, cache
+                first_pass, commit_previous_and_denoise, denoise, inner.block, inner.cache
             )
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(block_keys, s)
             proposals, confidence, entropy = _propose(static, knobs, logits, step_keys)
-            commit, stage_done = _select(static, knobs, confidence, entropy, masked, s, stage_done)
-            took_step = masked.any(-1)
-            return (
-                s + 1,
-                jnp.where(commit, proposals, block),
-                masked & ~commit,
-                cache,
-                stage_done,
-                block_forwards + took_step,
-                n_committed + commit.sum(-1),
+            first = jax.tree.map(
+                lambda new, kept: jnp.where(s == 0, new[:, 0], kept),
+                (proposals, confidence, entropy), inner.first,
+            )
+            if shifted:
+                proposals, confidence, entropy = (
+                    x.at[:, 0].set(f) for x, f in zip((proposals, confidence, entropy), first)
+                )
+            commit, stage_done = _select(
+                static, knobs, confidence, entropy, inner.masked, s, inner.stage_done
+            )
+            took_step = inner.masked.any(-1)
+            return _StepState(
+                step=s + 1,
+                block=jnp.where(commit, proposals, inner.block),
+                masked=inner.masked & ~commit,
+                cache=cache,
+                stage_done=stage_done,
+                first=first,
+                block_forwards=inner.block_forwards + took_step,
+                n_committed=inner.n_committed + commit.sum(-1),
             )
 
         zeros = jnp.zeros((batch,), jnp.int32)
-        inner = (
-            jnp.int32(0), block, masked0, cache,
-            jnp.zeros((batch, static.said_stages), jnp.int32), zeros, zeros,
+        inner = _StepState(
+            step=jnp.int32(0), block=block, masked=masked0, cache=cache,
+            stage_done=jnp.zeros((batch, static.said_stages), jnp.int32),
+            first=(zeros, zeros.astype(jnp.float32), zeros.astype(jnp.float32)),
+            block_forwards=zeros, n_committed=zeros,
         )
-        s, block, _, cache, _, block_forwards, n_committed = jax.lax.while_loop(
-            step_cond, step_body, inner
-        )
+        inner = jax.lax.while_loop(step_cond, step_body, inner)
+        s, block, cache = inner.step, inner.block, inner.cache
+        block_forwards, n_committed = inner.block_forwards, inner.n_committed
         rows = jnp.arange(batch)[:, None]
         canvas = canvas.at[rows, positions].set(block)
         generated = (positions >= prompt_lengths[:, None]) & (

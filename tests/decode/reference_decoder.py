@@ -5,7 +5,17 @@ model's full forward over the whole canvas with the block-causal mask (blocks
 after the current one hold masks and are invisible to it). Strategies are
 written here independently of `sdar_jax.decode` with plain loops and sorts;
 only the SAID step-budget split (`said.stage_steps`, tested on its own by
-enumeration) is shared. Greedy decoding only.
+enumeration) is shared.
+
+Sampling (temperature > 0) is the Gumbel-max draw argmax(filtered logits /
+T + Gumbel noise), with the noise of the decoder's documented per-step key
+`fold_in(fold_in(row key, block index), step)` over the block's [B, vocab]
+logits; the temperature, top-k and top-p filters are written here in NumPy.
+
+Logits conventions (spec §2.7): "same_position" reads position j's
+distribution from output j; "shifted" from output j - 1, which for a
+block's first position is the previous block's last output (invariant
+within the block, so its proposal is drawn once, at the block's first step).
 """
 
 from __future__ import annotations
@@ -61,26 +71,59 @@ def _stage_of(p: int, num_stages: int) -> int:
     return 0 if trailing >= num_stages - 1 else num_stages - 1 - trailing
 
 
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _filter(scaled: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Top-k then nucleus filtering of [B, vocab] float32 scaled logits (-inf = dropped)."""
+    out = scaled.copy()
+    if 0 < top_k < out.shape[-1]:
+        kth = np.sort(out, axis=-1)[:, -top_k][:, None]
+        out[out < kth] = -np.inf
+    if top_p < 1.0:
+        for row in out:
+            probs = _softmax(row.astype(np.float32))
+            order = np.argsort(-probs, kind="stable")
+            mass_above = np.cumsum(probs[order]) - probs[order]
+            row[order[mass_above >= top_p]] = -np.inf
+    return out
+
+
 class _Block:
     """One block being denoised: tokens, which positions are masked, and the model."""
 
-    def __init__(self, forward, params, canvas, start, length, masked):
+    def __init__(self, forward, params, canvas, start, masked, dc, shifted, key):
         self.forward, self.params, self.canvas = forward, params, canvas
-        self.start, self.length = start, length
+        self.start, self.length, self.dc, self.shifted = start, dc.block_length, dc, shifted
+        self.key = key  # this block's PRNG key (sampling), or None
         self.masked = masked  # block-relative positions still masked
         self.forwards = 0
         self.committed = 0
+        self.first = None  # position 0's proposal under the shifted convention
 
     def score(self):
-        """Greedy proposals, their confidences and the entropies, each [B] over the block."""
-        logits = np.asarray(self.forward(self.params, jnp.asarray(self.canvas)), np.float64)
-        b = self.length
-        logits = logits[self.start : self.start + b]
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        tokens = logits.argmax(-1)
+        """Proposals, their confidences and the entropies, each [B] over the block."""
+        out = np.asarray(self.forward(self.params, jnp.asarray(self.canvas)), np.float32)
+        b, dc = self.length, self.dc
+        rows = np.arange(self.start, self.start + b) - (1 if self.shifted else 0)
+        logits = out[np.maximum(rows, 0)]
+        temperature = dc.temperature if dc.temperature > 0 else 1.0
+        scaled = logits / np.float32(temperature)
+        probs = _softmax(scaled.astype(np.float64))
+        if dc.temperature == 0:
+            tokens = logits.argmax(-1)
+        else:
+            step_key = jax.random.fold_in(self.key, self.forwards)
+            noise = np.asarray(jax.random.gumbel(step_key, logits.shape, jnp.float32))
+            tokens = (_filter(scaled, dc.top_k, dc.top_p) + noise).argmax(-1)
         confidence = probs[np.arange(b), tokens]
         entropy = -np.sum(np.where(probs > 0, probs * np.log(np.maximum(probs, 1e-300)), 0.0), -1)
+        if self.shifted:
+            if self.first is None:
+                self.first = (tokens[0], confidence[0], entropy[0])
+            tokens[0], confidence[0], entropy[0] = self.first
         self.forwards += 1
         return tokens, confidence, entropy
 
@@ -150,18 +193,22 @@ def _denoise_said(block: _Block, dc: DecodeConfig) -> None:
 
 
 def reference_generate(
-    params: dict, config: ModelConfig, prompt: list[int], dc: DecodeConfig, canvas_len: int
+    params: dict, config: ModelConfig, prompt: list[int], dc: DecodeConfig, canvas_len: int,
+    key: jax.Array | None = None,
 ) -> ReferenceResult:
-    """Greedy block-diffusion decoding of one prompt.
+    """Block-diffusion decoding of one prompt, under the config's logits convention.
 
     Args:
       params, config: the model.
       prompt: the prompt's token ids (P >= 1).
-      dc: decoding knobs (mode "diffusion", temperature 0).
+      dc: decoding knobs (mode "diffusion").
       canvas_len: length of the forward pass (>= the canvas; fixed so the
         reference compiles once per length).
+      key: this sequence's PRNG key (needed when dc.temperature > 0).
     """
-    assert dc.mode == "diffusion" and dc.temperature == 0.0
+    assert dc.mode == "diffusion"
+    assert dc.temperature == 0.0 or key is not None
+    shifted = config.logits_convention == "shifted"
     b, g, p = dc.block_length, dc.max_new_tokens, len(prompt)
     end = -(-(p + g) // b) * b
     assert end <= canvas_len
@@ -170,8 +217,10 @@ def reference_generate(
     forward = _full_forward(config, b)
     forwards = committed = 0
     steps_per_block = []
-    for start in range((p // b) * b, end, b):
-        block = _Block(forward, params, canvas, start, b, {i for i in range(b) if start + i >= p})
+    for index, start in enumerate(range((p // b) * b, end, b)):
+        block_key = None if key is None else jax.random.fold_in(key, index)
+        masked = {i for i in range(b) if start + i >= p}
+        block = _Block(forward, params, canvas, start, masked, dc, shifted, block_key)
         if dc.strategy in ("said", "said_chlg"):
             _denoise_said(block, dc)
         else:

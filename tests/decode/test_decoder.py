@@ -7,7 +7,9 @@ tests can fail). Prompts of lengths 5, 8 and 11 decode together in one ragged
 batch and are compared row by row with the reference, which decodes each
 prompt alone; 8 ends on a block boundary for every block size, 5 and 11 end
 mid-block for B >= 2. `steps`, thresholds and bounds are traced, so each
-(block length, strategy) compiles once.
+(block length, strategy) compiles once. Every equality test runs under both
+logits conventions (spec §2.7); sampled decoding is compared with the
+reference too, with one key per row.
 """
 
 import dataclasses
@@ -20,19 +22,29 @@ import pytest
 from sdar_jax.config import get_preset
 from sdar_jax.decode.decoder import PAD_ID, DecodeConfig, canvas_length, generate
 from sdar_jax.model import transformer
+from sdar_jax.ops.masks import MaskSpec
 from tests.decode.reference_decoder import reference_generate
 
 MAX_NEW = 12
 PROMPTS = [[3, 14, 15, 9, 26], [5, 35, 8, 9, 7, 9, 3, 2], [38, 4, 6, 26, 43, 3, 8, 32, 7, 9, 5]]
 
 
+CONVENTIONS = ("same_position", "shifted")
+
+
 @pytest.fixture(scope="module")
-def model():
+def same_position_model():
     config = get_preset("tiny", vocab_size=64, num_layers=2, mask_token_id=63, eos_token_id=1)
     params = transformer.init_params(config, jax.random.key(0))
     params["embed_tokens"]["embedding"] = params["embed_tokens"]["embedding"] * 20
     params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 20
     return config, params
+
+
+@pytest.fixture(scope="module", params=CONVENTIONS)
+def model(request, same_position_model):
+    config, params = same_position_model
+    return config.replace(logits_convention=request.param), params
 
 
 def _batch(prompts):
@@ -50,14 +62,15 @@ def _decode(model, dc, prompts=PROMPTS, rng=None):
     return jax.device_get(generate(params, config, tokens, lengths, rng, dc))
 
 
-def _check_against_reference(model, dc, result):
-    """Every row equals the reference decoding of its prompt alone; returns the
-    reference's steps per block, per row."""
+def _check_against_reference(model, dc, result, keys=None):
+    """Every row equals the reference decoding of its prompt alone (with its own
+    key when sampling); returns the reference's steps per block, per row."""
     config, params = model
     canvas_len = canvas_length(max(len(p) for p in PROMPTS), dc)
     steps = []
     for r, prompt in enumerate(PROMPTS):
-        ref = reference_generate(params, config, prompt, dc, canvas_len)
+        key = None if keys is None else keys[r]
+        ref = reference_generate(params, config, prompt, dc, canvas_len, key)
         n = int(result.lengths[r])
         assert result.tokens[r, :n].tolist() == ref.tokens, (dc, r)
         assert np.all(result.tokens[r, n:] == PAD_ID)
@@ -70,10 +83,12 @@ def _check_against_reference(model, dc, result):
     return steps
 
 
-def _knob_grid(strategy, block_length):
+def _knob_grid(strategy, block_length, full=True):
+    """Knob settings to compare; a thinner grid (`full=False`) for the second convention."""
     if strategy == "entropy_bounded":
         return [dict(eb_bound=bound, steps=block_length) for bound in (0.05, 1.5, 6.0)]
-    grid = [dict(steps=s) for s in range(1, block_length + 1)]
+    steps = range(1, block_length + 1) if full else sorted({1, max(block_length // 2, 1), block_length})
+    grid = [dict(steps=s) for s in steps]
     if strategy == "low_confidence_dynamic":
         grid = [dict(g, threshold=t) for g in grid for t in (0.35, 0.7)]
     return grid
@@ -85,7 +100,8 @@ def _knob_grid(strategy, block_length):
 )
 def test_matches_reference(model, block_length, strategy):
     multi_commit_steps, single_commit_blocks = 0, 0
-    for knobs in _knob_grid(strategy, block_length):
+    full = model[0].logits_convention == "same_position"
+    for knobs in _knob_grid(strategy, block_length, full):
         dc = DecodeConfig(block_length=block_length, strategy=strategy, max_new_tokens=MAX_NEW,
                           **knobs)
         result = _decode(model, dc)
@@ -122,6 +138,45 @@ def test_said_matches_reference(model, block_length, strategy, said_kwargs):
             max_new_tokens=MAX_NEW))
         np.testing.assert_array_equal(result.canvas, static.canvas)
         np.testing.assert_array_equal(result.steps_per_block, static.steps_per_block)
+
+
+@pytest.mark.parametrize(
+    "strategy,knobs",
+    [
+        ("sequential", dict(steps=2)),
+        ("low_confidence_static", dict(steps=3)),
+        ("low_confidence_dynamic", dict(steps=2, threshold=0.5)),
+        ("entropy_bounded", dict(eb_bound=1.5)),
+        ("said", dict(said_stages=2, steps=3, said_rec_steps=1)),
+        ("said_chlg", dict(said_stages=2, steps=4, chlg_extra_steps=1, chlg_threshold=0.5)),
+    ],
+)
+def test_sampled_matches_reference(model, strategy, knobs):
+    dc = DecodeConfig(block_length=4, strategy=strategy, max_new_tokens=MAX_NEW,
+                      temperature=0.9, top_k=20, top_p=0.9, **knobs)
+    keys = jax.random.split(jax.random.key(5), len(PROMPTS))
+    result = _decode(model, dc, rng=keys)
+    _check_against_reference(model, dc, result, keys)
+    greedy = _decode(model, dataclasses.replace(dc, temperature=0.0, top_k=0, top_p=1.0))
+    assert not np.array_equal(greedy.tokens, result.tokens)
+
+
+def test_shifted_reads_the_previous_output(same_position_model):
+    """The conventions decode differently, and under "shifted" a block's first
+    position is the AR prediction of the previous position."""
+    config, params = same_position_model
+    shifted = config.replace(logits_convention="shifted")
+    dc = DecodeConfig(block_length=4, steps=4, strategy="low_confidence_static",
+                      max_new_tokens=MAX_NEW)
+    same = _decode((config, params), dc)
+    moved = _decode((shifted, params), dc)
+    assert not np.array_equal(same.tokens, moved.tokens)
+    # Row 1's prompt (8 tokens) ends on a block boundary: its first generated
+    # token is the block-causal prefill's prediction at the last prompt token.
+    prompt = jnp.asarray([PROMPTS[1]])
+    logits = transformer.apply(
+        shifted, params, prompt, jnp.arange(8)[None], mask=MaskSpec("block_causal", 4)).logits
+    assert int(moved.tokens[1, 0]) == int(jnp.argmax(logits[0, -1]))
 
 
 def test_stop_ids_freeze_rows(model):
