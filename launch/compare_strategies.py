@@ -170,6 +170,7 @@ def adapt(init_from: str, block_length: int, steps: int, train_path: str, out: s
         return {"export_dir": export, "reused": True}
     cfg = load_demo_config("sdar")
     cfg.objective.block_size = block_length
+    cfg.objective.mixed_block_sizes = None  # one model per block length here
     cfg.train.steps = steps
     cfg.optimizer.warmup_steps = min(cfg.optimizer.warmup_steps, steps - 1)
     cfg.train.init_from = init_from

@@ -27,6 +27,8 @@ from sdar_jax import config as model_config_lib
 from sdar_jax.ops.masks import MaskSpec
 
 ApplyFn = Callable[..., Any]
+# (tokens, positions, segment_ids) [batch, L] -> causal next-token logits [batch, L, vocab].
+TeacherFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 Normalization = Literal["non_prompt", "masked"]
 NORMALIZATIONS = ("non_prompt", "masked")
 LogitsConvention = Literal["same_position", "shifted"]
@@ -114,6 +116,8 @@ def sdar_loss(
     max_tries: int = DEFAULT_MAX_TRIES,
     logits_convention: LogitsConvention = "same_position",
     complementary: bool = False,
+    teacher_fn: TeacherFn | None = None,
+    distill_weight: float = 0.0,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """The SDAR objective: masked-token CE weighted by 1/p over the `[xt ; x0]` row.
 
@@ -134,6 +138,14 @@ def sdar_loss(
     tokens, or all masked tokens of both): the mean of two unbiased
     estimates. `max_tries` is unused then (every token is masked once).
 
+    Distillation (`teacher_fn`, `distill_weight` > 0): for every masked token
+    whose in-block left context is clean in its copy (`left_clean_masked`),
+    the soft cross entropy from the teacher's next-token distribution at j - 1
+    (an AR model on the clean row; that is exactly its context) to the
+    student's prediction of j is added, times `distill_weight`, to the
+    weighted CE sum (no 1/p weight; same normaliser). The teacher gets no
+    gradient.
+
     Args:
       apply_fn: the model function (see the module docstring).
       params: the model parameters.
@@ -147,6 +159,9 @@ def sdar_loss(
       max_tries: draws per segment before forcing one masked token.
       logits_convention: "same_position" or "shifted".
       complementary: noise every row twice with complementary masks.
+      teacher_fn: `(tokens, positions, segment_ids) -> [batch, L, vocab]`
+        causal next-token logits of the teacher, or None.
+      distill_weight: weight of the distillation term.
 
     Returns:
       (loss, metrics): loss is a float32 scalar; metrics holds float32/int32
@@ -178,6 +193,12 @@ def sdar_loss(
             rng, x0, eligible, segments, mask_token_id=mask_token_id, eps=eps, max_tries=max_tries,
         )
         xt, masked, p = noised
+    teacher_logits = None
+    if teacher_fn is not None and distill_weight > 0:
+        teacher_logits = jax.lax.stop_gradient(
+            teacher_fn(batch["tokens"], batch["positions"], batch["segment_ids"]))
+        if complementary:
+            teacher_logits = jnp.concatenate([teacher_logits, teacher_logits], axis=0)
     tokens, row_positions, row_segments = diffusion_row(xt, x0, positions, segments)
     out = apply_fn(
         params, tokens, row_positions,
@@ -189,6 +210,11 @@ def sdar_loss(
     num_masked = masked.sum(dtype=jnp.int32)
     num_loss_tokens = eligible.sum(dtype=jnp.int32)
     weighted_ce_sum = jnp.sum(jnp.where(masked, ce / p, 0.0))
+    distill_sum = jnp.zeros((), jnp.float32)
+    if teacher_logits is not None:
+        select = left_clean_masked(masked, block_size) & _has_predecessor(segments)
+        distill_sum = jnp.sum(jnp.where(select, soft_cross_entropy(teacher_logits, logits), 0.0))
+        weighted_ce_sum = weighted_ce_sum + distill_weight * distill_sum
     normalizer = num_loss_tokens if normalization == "non_prompt" else num_masked
     loss = _safe_div(weighted_ce_sum, normalizer)
     metrics = {
@@ -202,6 +228,42 @@ def sdar_loss(
         "aux_loss": jnp.asarray(out.aux_loss, jnp.float32),
     }
     return loss, metrics
+
+
+def left_clean_masked(masked: jnp.ndarray, block_size: int) -> jnp.ndarray:
+    """Masked tokens with no masked token before them in their block.
+
+    Args:
+      masked: [batch, L] bool, L a multiple of block_size.
+
+    Returns:
+      [batch, L] bool.
+    """
+    rows, L = masked.shape
+    m = masked.reshape(rows, L // block_size, block_size).astype(jnp.int32)
+    before = jnp.cumsum(m, axis=-1) - m
+    return (masked.reshape(m.shape) & (before == 0)).reshape(rows, L)
+
+
+def _has_predecessor(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """[batch, L] bool: token j - 1 exists and lies in j's packed example."""
+    same = segment_ids[:, 1:] == segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros((segment_ids.shape[0], 1), bool), same], axis=1)
+
+
+def soft_cross_entropy(teacher_next: jnp.ndarray, student: jnp.ndarray) -> jnp.ndarray:
+    """-sum_v softmax(teacher at j - 1)_v * log_softmax(student at j)_v per token.
+
+    Args:
+      teacher_next: [batch, L, vocab] causal logits (output i predicts token i + 1).
+      student: [batch, L, vocab] the student's logits for each token j.
+
+    Returns:
+      [batch, L] float32; entry 0 of each row is meaningless (no teacher output before it).
+    """
+    shifted = jnp.concatenate([teacher_next[:, :1], teacher_next[:, :-1]], axis=1)
+    probs = jax.nn.softmax(shifted.astype(jnp.float32), axis=-1)
+    return -jnp.sum(probs * jax.nn.log_softmax(student.astype(jnp.float32), axis=-1), axis=-1)
 
 
 def ar_targets(batch: Mapping[str, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:

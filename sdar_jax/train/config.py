@@ -96,6 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
         # equal stages over block_schedule_steps steps; None: no schedule.
         block_schedule_start=placeholder(int),
         block_schedule_steps=0,
+        # Distillation from an AR teacher where a masked token's in-block left
+        # context is clean (sdar_jax.diffusion.loss.sdar_loss); 0: off.
+        distill_weight=0.0,
+        distill_from=placeholder(str),  # None: train.init_from.
     ))
 
     # Read by the trainer (seq_len, global_batch_size, seed, tokenizer_dir) and

@@ -29,8 +29,10 @@ import ml_collections
 import optax
 
 from sdar_jax.config import ModelConfig
+from sdar_jax.convert import load_params_checkpoint
 from sdar_jax.diffusion.loss import ar_loss, sdar_loss
 from sdar_jax.model import transformer
+from sdar_jax.ops.masks import MaskSpec
 from sdar_jax.train import config as run_config
 from sdar_jax.train.state import TrainState, step_rng
 
@@ -63,6 +65,24 @@ def block_index(step: jax.Array, rng: jax.Array, *, num_sizes: int, mixed: bool,
     return jnp.minimum(k, num_sizes - 1).astype(jnp.int32)
 
 
+def make_teacher_fn(config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
+    """The AR teacher of distillation: `objective.distill_from` (else `train.init_from`),
+    run causally. Its params enter the compiled step as constants (fine for the
+    small models distillation is meant for here)."""
+    path = config.objective.distill_from or config.train.init_from
+    if not path:
+        raise run_config.RunConfigError(
+            "objective.distill_weight > 0 needs a teacher: set objective.distill_from or "
+            "train.init_from")
+    teacher, params = load_params_checkpoint(path)
+
+    def teacher_fn(tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        return transformer.apply(teacher, params, tokens, positions, mask=MaskSpec("causal"),
+                                 segment_ids=segment_ids).logits
+
+    return teacher_fn
+
+
 def make_loss_fn(config: ml_collections.ConfigDict, model: ModelConfig) -> LossFn:
     """The objective of the run (`objective.kind`) as `(params, batch, rng, step) -> (loss, metrics)`.
 
@@ -75,10 +95,12 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: ModelConfig) -> LossF
     if obj.kind == "sdar":
         sizes = run_config.block_sizes(config, model)
         mixed = bool(obj.mixed_block_sizes)
+        teacher_fn = make_teacher_fn(config) if obj.distill_weight > 0 else None
         branches = [functools.partial(
             sdar_loss, apply_fn, block_size=b, mask_token_id=model.mask_token_id,
             normalization=obj.normalization, eps=obj.eps, max_tries=obj.max_tries,
             logits_convention=model.logits_convention, complementary=obj.complementary_masking,
+            teacher_fn=teacher_fn, distill_weight=obj.distill_weight,
         ) for b in sizes]
 
         def loss_fn(params: Any, batch: Batch, rng: jax.Array,

@@ -249,3 +249,43 @@ def test_run_config_rejects_complementary_with_large_eps():
     with pytest.raises(run_config.RunConfigError, match="complementary_masking"):
         run_config.validate(config, get_preset("tiny"))
     assert isinstance(config, ml_collections.ConfigDict)
+
+
+@pytest.mark.parametrize("convention", ["same_position", "shifted"])
+def test_distillation_term_matches_numpy(convention):
+    batch = make_batch()
+    apply_fn, params, _ = fake_model()
+    teacher_table = np.random.default_rng(9).normal(size=(23, 23)).astype(np.float32)
+
+    def teacher_fn(tokens, positions, segment_ids):
+        return jnp.asarray(teacher_table)[tokens] + 0.1 * positions[..., None]
+
+    rng, weight = jax.random.key(13), 0.7
+    kwargs = dict(block_size=B, mask_token_id=MASK_ID, logits_convention=convention)
+    plain, _ = loss_lib.sdar_loss(apply_fn, params, batch, rng, **kwargs)
+    loss, metrics = loss_lib.sdar_loss(apply_fn, params, batch, rng, teacher_fn=teacher_fn,
+                                       distill_weight=weight, **kwargs)
+    eligible = np.asarray(batch["loss_mask"])
+    if convention == "shifted":
+        eligible = eligible & ~segment_starts(batch["segment_ids"])
+    nz = noise.noise_tokens(rng, batch["tokens"], eligible, batch["segment_ids"],
+                            mask_token_id=MASK_ID)
+    xt, masked = np.asarray(nz.xt), np.asarray(nz.masked)
+    x0, seg = batch["tokens"], batch["segment_ids"]
+    L = x0.shape[1]
+    row = np.concatenate([xt, x0], 1)
+    student = np_log_softmax(np.asarray(params["E"])[row]
+                             + np.asarray(params["P"])[np.tile(batch["positions"], 2)])
+    teacher = np.asarray(teacher_fn(x0, batch["positions"], seg))
+    extra = 0.0
+    for b in range(x0.shape[0]):
+        for j in range(1, L):
+            start = j - j % B
+            if masked[b, j] and not masked[b, start:j].any() and seg[b, j - 1] == seg[b, j]:
+                t = np.exp(np_log_softmax(teacher[b, j - 1]))
+                extra -= (t * student[b, np_source(j, L, B, convention)]).sum()
+    np.testing.assert_allclose(loss - plain, weight * extra / eligible.sum(), rtol=1e-4)
+    assert float(metrics["ce"]) > 0
+    np.testing.assert_array_equal(
+        loss_lib.left_clean_masked(jnp.asarray([[1, 0, 1, 1, 0, 1, 0, 0]], bool), 4),
+        [[True, False, False, False, False, True, False, False]])
