@@ -37,7 +37,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 from sdar_jax import experiments
 from sdar_jax.data import procedural, tasks

@@ -87,6 +87,21 @@ def _segment_sum(x: jnp.ndarray, start: jnp.ndarray, end: jnp.ndarray) -> jnp.nd
     return _gather(total, end) - _gather(total, start) + _gather(x, start)
 
 
+def _checked_segments(caller: str, tokens: jnp.ndarray, loss_mask: jnp.ndarray,
+                      segment_ids: jnp.ndarray | None) -> jnp.ndarray:
+    """Checks the [batch, seq] shapes; returns segment_ids (one segment per row when None)."""
+    if tokens.ndim != 2 or loss_mask.shape != tokens.shape:
+        raise ValueError(
+            f"{caller}: tokens {tokens.shape} must be [batch, seq] and loss_mask "
+            f"{loss_mask.shape} the same shape"
+        )
+    if segment_ids is None:
+        return jnp.zeros(tokens.shape, jnp.int32)
+    if segment_ids.shape != tokens.shape:
+        raise ValueError(f"{caller}: segment_ids {segment_ids.shape} must match tokens {tokens.shape}")
+    return segment_ids
+
+
 def noise_tokens(
     rng: jax.Array,
     tokens: jnp.ndarray,
@@ -117,17 +132,7 @@ def noise_tokens(
         raise ValueError(f"noise_tokens: eps must lie in (0, 1], got {eps!r}")
     if not isinstance(max_tries, int) or max_tries < 1:
         raise ValueError(f"noise_tokens: max_tries must be a positive int, got {max_tries!r}")
-    if tokens.ndim != 2 or loss_mask.shape != tokens.shape:
-        raise ValueError(
-            f"noise_tokens: tokens {tokens.shape} must be [batch, seq] and loss_mask "
-            f"{loss_mask.shape} the same shape"
-        )
-    if segment_ids is None:
-        segment_ids = jnp.zeros(tokens.shape, jnp.int32)
-    elif segment_ids.shape != tokens.shape:
-        raise ValueError(
-            f"noise_tokens: segment_ids {segment_ids.shape} must match tokens {tokens.shape}"
-        )
+    segment_ids = _checked_segments("noise_tokens", tokens, loss_mask, segment_ids)
     eligible = loss_mask.astype(bool)
     start, end = segment_bounds(segment_ids)
     t_rng, mask_rng, force_rng = jax.random.split(rng, 3)
@@ -181,17 +186,7 @@ def complementary_noise(
     """
     if not 0.0 < eps < 0.5:
         raise ValueError(f"complementary_noise: eps must lie in (0, 0.5), got {eps!r}")
-    if tokens.ndim != 2 or loss_mask.shape != tokens.shape:
-        raise ValueError(
-            f"complementary_noise: tokens {tokens.shape} must be [batch, seq] and loss_mask "
-            f"{loss_mask.shape} the same shape"
-        )
-    if segment_ids is None:
-        segment_ids = jnp.zeros(tokens.shape, jnp.int32)
-    elif segment_ids.shape != tokens.shape:
-        raise ValueError(
-            f"complementary_noise: segment_ids {segment_ids.shape} must match tokens {tokens.shape}"
-        )
+    segment_ids = _checked_segments("complementary_noise", tokens, loss_mask, segment_ids)
     eligible = loss_mask.astype(bool)
     start, _ = segment_bounds(segment_ids)
     t_rng, mask_rng = jax.random.split(rng)
