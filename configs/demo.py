@@ -3,19 +3,25 @@
   get_config("ar")    trains a tiny Qwen3-style model from scratch with the
                       next-token (AR) objective on the shipped tasks;
   get_config("sdar")  continues from the AR run's exported params with the
-                      SDAR block-diffusion objective (block 4), as the paper
-                      adapts its AR checkpoints; set `train.init_from`.
+                      SDAR block-diffusion objective, as the paper adapts its
+                      AR checkpoints; set `train.init_from`. The recipe of
+                      docs/adaptation.md: the `shifted` logits convention
+                      (the AR head keeps predicting the next token) and mixed
+                      B (every step at block 4 or 8), so one model decodes at
+                      both block lengths.
 
 Sized for a 2-core CPU: the whole demo (both runs, then seven evaluations)
-fits in about ten minutes of CPU time there (measured: 661 s). The data are the shipped
-`sdar_jax/data/assets/tasks/train.jsonl` prompt/response pairs (SFT: prompts
-stay clean and carry no loss) with the character-level demo tokenizer
-(`<MASK>` = 4, `<|endoftext|>` = 1, `<|im_end|>` = 3).
+is meant to fit in about fifteen minutes there (docs/adaptation.md has the
+measured times). The data are a procedural stream of the add, sort and word
+tasks (`sdar_jax.data.procedural`: fresh prompt/response pairs, never a
+prompt of the shipped test split; SFT: prompts stay clean and carry no loss)
+with the character-level demo tokenizer (`<MASK>` = 4, `<|endoftext|>` = 1,
+`<|im_end|>` = 3).
 """
 
 import ml_collections
 
-from sdar_jax.data.tasks import TASK_DIR
+from sdar_jax.data import procedural
 from sdar_jax.data.tokenizer import CHAR_TOKENIZER_DIR
 from sdar_jax.train.config import base_config
 
@@ -37,12 +43,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             intermediate_size=384, max_position_embeddings=256,
             mask_token_id=4, bos_token_id=1, eos_token_id=1,
         ))
-    # The SDAR run takes the architecture from train.init_from (the AR export).
+    else:
+        # The architecture comes from train.init_from (the AR export); the convention
+        # is written into the SDAR export's config.json, which the decoder honours.
+        config.model.overrides.logits_convention = "shifted"
+        config.objective.mixed_block_sizes = (4, 8)
 
     config.objective.kind = stage
     config.objective.block_size = 4
 
-    config.data.train_path = f"{TASK_DIR}/train.jsonl"
+    config.data.train_path = procedural.spec_for(("add", "sort", "word"))
     config.data.tokenizer_dir = CHAR_TOKENIZER_DIR
     config.data.seq_len = 128  # examples are <= 100 tokens (block-padded); rows pack ~2
     config.data.global_batch_size = 8

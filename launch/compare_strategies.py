@@ -29,15 +29,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
 import sys
 import time
 from typing import Any, NamedTuple, Sequence
 
-import jax
-
-from sdar_jax import convert
+from sdar_jax import experiments
 from sdar_jax.data import tasks
 from sdar_jax.data.tokenizer import Tokenizer
 from sdar_jax.decode.decoder import DecodeConfig
@@ -170,6 +167,7 @@ def adapt(init_from: str, block_length: int, steps: int, train_path: str, out: s
         return {"export_dir": export, "reused": True}
     cfg = load_demo_config("sdar")
     cfg.objective.block_size = block_length
+    cfg.objective.mixed_block_sizes = None  # one model per block length here
     cfg.train.steps = steps
     cfg.optimizer.warmup_steps = min(cfg.optimizer.warmup_steps, steps - 1)
     cfg.train.init_from = init_from
@@ -177,15 +175,9 @@ def adapt(init_from: str, block_length: int, steps: int, train_path: str, out: s
     cfg.data.train_path = train_path
     cfg.train.eval_every = cfg.train.checkpoint_every = steps
     cfg.train.progress_bar = progress
-    print(f"[compare] adapting at B={block_length}: {steps} steps", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    result = loop.train(cfg, devices=jax.local_devices()[:1])
-    if result.export_dir is None:
-        raise RuntimeError(f"the B={block_length} run stopped at step {result.step} without exporting")
-    losses = [h["loss"] for h in result.history]
-    return {"export_dir": result.export_dir, "reused": False, "steps": result.step,
-            "seconds": time.perf_counter() - start, "final_loss": losses[-1],
-            "config": cfg.to_dict()}
+    stage = experiments.train_stage(cfg, f"SDAR B={block_length}")
+    return {**{k: stage[k] for k in ("export_dir", "steps", "seconds", "cpu_seconds", "final_loss")},
+            "reused": False, "config": cfg.to_dict()}
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -204,26 +196,13 @@ def evaluate_rows(rows: Sequence[Row], exports: dict[int, str], tokenizer: Token
                   examples: list[dict[str, str]], settings: runner.EvalSettings, out: str
                   ) -> list[dict[str, Any]]:
     """Every row's measured summary; each row's samples go to `out/eval/<row>.jsonl`."""
-    models = {b: convert.load_params_checkpoint(path) for b, path in exports.items()}
-    results = []
-    for row in rows:
-        print(f"[compare] evaluating {row.name}", file=sys.stderr, flush=True)
-        config, params = models[row.block_length]
-        result = runner.evaluate(params, config, tokenizer, examples, row.decode_config, settings)
-        slug = row.name.replace(" ", "_").replace("=", "")
-        runner.write_jsonl(os.path.join(out, "eval", f"{slug}.jsonl"), result.records)
-        s = result.summary
-        n = s["num_examples"] * s["n_samples"]
-        results.append({
-            "name": row.name, "block_length": row.block_length,
-            "strategy": row.decode_config.strategy, "steps": row.decode_config.steps,
-            "n": n, "accuracy": s["accuracy"], "accuracy_stderr": s["accuracy_stderr"],
-            "accuracy_by_task": s["accuracy_by_task"], "tpf": s["tpf"],
-            "num_forwards": s["num_forwards"], "forwards_per_problem": s["num_forwards"] / n,
-            "generated_tokens": s["generated_tokens"], "tokens_per_second": s["tokens_per_second"],
-            "decode_seconds": s["decode_seconds"], "compile_seconds": s["compile_seconds"],
-            "decode_config": s["decode_config"], "records": f"eval/{slug}.jsonl",
-        })
+    decode_rows = [experiments.DecodeRow(r.name, str(r.block_length), r.decode_config) for r in rows]
+    results = experiments.evaluate_rows(decode_rows, {str(b): p for b, p in exports.items()},
+                                        tokenizer, examples, settings, out)
+    for r, result in zip(rows, results):
+        n = result["num_examples"] * settings.n_samples
+        result.update(n=n, forwards_per_problem=result["num_forwards"] / n,
+                      decode_config=dataclasses.asdict(r.decode_config))
     return results
 
 
@@ -282,9 +261,7 @@ def run(args: argparse.Namespace) -> int:
                "training": {str(b): t for b, t in training.items()}, "skipped": skipped,
                "eval_settings": dataclasses.asdict(settings), "wall_seconds": wall,
                "rows": results, "table": table}
-    with open(os.path.join(out, "comparison.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
+    experiments.write_json(os.path.join(out, "comparison.json"), summary)
     return 0
 
 

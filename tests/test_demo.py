@@ -56,6 +56,21 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
             assert row["tpf"] == 1.0 and forwards == sum(s["num_tokens"] for s in samples)
         assert row["name"] in printed and f"{row['tpf']:.2f}" in printed
 
+    # The SDAR model is trained with the recipe: shifted logits, B drawn from 4 and 8.
+    sdar_cfg = summary["configs"]["sdar"]
+    assert sdar_cfg["model"]["overrides"]["logits_convention"] == "shifted"
+    assert tuple(sdar_cfg["objective"]["mixed_block_sizes"]) == (4, 8)
+    assert sdar_cfg["data"]["train_path"].startswith("procedural:")
+    exported = json.loads((out / "sdar" / "export" / "config.json").read_text())
+    assert exported["logits_convention"] == "shifted"
+    for row in summary["rows"]:
+        assert 0 <= row["accuracy_stderr"] <= 0.5 and row["num_examples"] == 6
+    # The teacher-forced diagnostic of both models, printed beside the table.
+    assert set(summary["diagnostics"]) == {"AR", "SDAR"}
+    assert set(summary["diagnostics"]["SDAR"]) == {"masked_block", "left_clean"}
+    assert summary["diagnostics_table"] in printed
+    assert summary["cpu_seconds"] > 0 and summary["wall_seconds"] > 0
+
     for name in ("loss_curves.png", "accuracy_vs_tpf.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert summary["table"] in printed

@@ -32,6 +32,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from sdar_jax.data import procedural
+
 JSONL_SUFFIXES = (".jsonl", ".json")
 NUMPY_SUFFIXES = (".npy",)
 ARRAY_RECORD_SUFFIXES = (".array_record",)
@@ -230,13 +232,18 @@ def write_array_record(path: str, records: Iterable[dict[str, Any]]) -> int:
     return count
 
 
-def open_source(spec: str | Sequence[str], chunk_len: int) -> JsonlSource | NumpySource | ArrayRecordSource:
+def open_source(spec: str | Sequence[str], chunk_len: int) -> Any:
     """The source for `spec` (see `expand_paths`); all files must share one format.
+
+    `procedural:TASKS[@seed=S]` names the endless task stream instead
+    (`sdar_jax.data.procedural`).
 
     Args:
       spec: paths, globs or directories.
       chunk_len: record length for 1-D numpy token streams (usually seq_len).
     """
+    if procedural.is_spec(spec):
+        return procedural.ProceduralTaskSource.from_spec(spec)
     paths = expand_paths(spec)
     formats = {format_of(p) for p in paths}
     if len(formats) != 1:

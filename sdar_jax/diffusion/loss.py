@@ -17,14 +17,22 @@ from typing import Any, Callable, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from sdar_jax.diffusion.noise import DEFAULT_EPS, DEFAULT_MAX_TRIES, diffusion_row, noise_tokens
+from sdar_jax.diffusion.noise import (
+    DEFAULT_EPS, DEFAULT_MAX_TRIES, complementary_noise, diffusion_row, noise_tokens, segment_bounds,
+)
+from sdar_jax import config as model_config_lib
 from sdar_jax.ops.masks import MaskSpec
 
 ApplyFn = Callable[..., Any]
+# (tokens, positions, segment_ids) [batch, L] -> causal next-token logits [batch, L, vocab].
+TeacherFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 Normalization = Literal["non_prompt", "masked"]
 NORMALIZATIONS = ("non_prompt", "masked")
+LogitsConvention = Literal["same_position", "shifted"]
+LOGITS_CONVENTIONS = model_config_lib.LOGITS_CONVENTIONS
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
 
@@ -66,6 +74,41 @@ def _safe_div(num: jnp.ndarray, den: jnp.ndarray) -> jnp.ndarray:
     return num / jnp.maximum(den, 1).astype(jnp.float32)
 
 
+def prediction_index(seq: int, block_size: int, convention: LogitsConvention) -> np.ndarray:
+    """Which output of the 2L-token `[xt ; x0]` row predicts the token at each position j.
+
+    `same_position`: the noisy-half output at j. `shifted` (spec §2.7): the
+    noisy-half output at j - 1 when j is not the first position of its block,
+    else the clean-half output at j - 1 (index L + j - 1: the last position of
+    the previous clean block, which sees exactly the causal AR context). j = 0
+    has no predecessor; its entry (0) must not be used (see `shifted_eligible`).
+
+    Returns:
+      [seq] int32 indices into the row's 2L outputs.
+    """
+    if convention not in LOGITS_CONVENTIONS:
+        raise ValueError(f"logits convention {convention!r} is not one of {LOGITS_CONVENTIONS}")
+    j = np.arange(seq, dtype=np.int32)
+    if convention == "same_position":
+        return j
+    index = np.where(j % block_size == 0, seq + j - 1, j - 1)
+    index[0] = 0
+    return index.astype(np.int32)
+
+
+def shifted_eligible(loss_mask: jnp.ndarray, segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """loss_mask without the first token of each packed example (no predecessor to read from).
+
+    Args:
+      loss_mask: [batch, seq] bool; segment_ids: [batch, seq] int32.
+
+    Returns:
+      [batch, seq] bool.
+    """
+    start, _ = segment_bounds(segment_ids)
+    return loss_mask.astype(bool) & (start != jnp.arange(loss_mask.shape[1], dtype=start.dtype))
+
+
 def sdar_loss(
     apply_fn: ApplyFn,
     params: Any,
@@ -78,14 +121,37 @@ def sdar_loss(
     eps: float = DEFAULT_EPS,
     max_tries: int = DEFAULT_MAX_TRIES,
     token_ce: Callable[[Any, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]] = logits_token_ce,
+    logits_convention: LogitsConvention = "same_position",
+    complementary: bool = False,
+    teacher_fn: TeacherFn | None = None,
+    distill_weight: float = 0.0,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """The SDAR objective: masked-token CE weighted by 1/p over the `[xt ; x0]` row.
 
     loss = sum over masked i of CE(logits_i, x0_i) / p_i, divided by the number
-    of loss_mask tokens in the batch (`normalization="non_prompt"`, the
+    of maskable tokens in the batch (`normalization="non_prompt"`, the
     release's current code) or by the number of masked tokens (`"masked"`, what
-    the released checkpoints were trained with). Position i predicts the token
-    at i (no shift); logits are read from the noisy half only.
+    the released checkpoints were trained with). With the default
+    `same_position` convention position i predicts the token at i and logits
+    are read from the noisy half only; with `shifted` the prediction of token
+    i is read from the output `prediction_index` names (both halves' logits
+    are computed: the head runs on 2L positions), and the first token of each
+    packed example is never masked (it has no predecessor).
+
+    `complementary` (spec §2.7): each row is noised twice with complementary
+    masks (`noise.complementary_noise`, noise levels t and 1 - t), both copies
+    go through one forward of twice the rows, and the loss is the sum over
+    both copies divided by the sum of both copies' normalisers (2 x maskable
+    tokens, or all masked tokens of both): the mean of two unbiased
+    estimates. `max_tries` is unused then (every token is masked once).
+
+    Distillation (`teacher_fn`, `distill_weight` > 0): for every masked token
+    whose in-block left context is clean in its copy (`left_clean_masked`),
+    the soft cross entropy from the teacher's next-token distribution at j - 1
+    (an AR model on the clean row; that is exactly its context) to the
+    student's prediction of j is added, times `distill_weight`, to the
+    weighted CE sum (no 1/p weight; same normaliser). The teacher gets no
+    gradient.
 
     Args:
       apply_fn: the model function (see the module docstring).
@@ -99,38 +165,66 @@ def sdar_loss(
       eps: noise-level floor.
       max_tries: draws per segment before forcing one masked token.
       token_ce: (model output, targets [batch, seq]) -> (ce, correct), both [batch, seq].
+      logits_convention: "same_position" or "shifted".
+      complementary: noise every row twice with complementary masks.
+      teacher_fn: `(tokens, positions, segment_ids) -> [batch, L, vocab]`
+        causal next-token logits of the teacher, or None.
+      distill_weight: weight of the distillation term.
 
     Returns:
       (loss, metrics): loss is a float32 scalar; metrics holds float32/int32
       scalars: loss, ce (unweighted mean CE over masked tokens), accuracy
-      (argmax hits over masked tokens), num_masked, num_loss_tokens,
-      weighted_ce_sum and normalizer (loss = weighted_ce_sum / max(normalizer,
-      1), for exact accumulation over micro-batches), aux_loss.
+      (argmax hits over masked tokens), num_masked, num_loss_tokens (maskable
+      tokens, counted once per copy), weighted_ce_sum and normalizer (loss =
+      weighted_ce_sum / max(normalizer, 1), for exact accumulation over
+      micro-batches), aux_loss.
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"sdar_loss: normalization {normalization!r} is not one of {NORMALIZATIONS}")
     _check_batch(batch, "sdar_loss")
     x0, loss_mask = batch["tokens"], batch["loss_mask"].astype(bool)
+    positions, segments = batch["positions"], batch["segment_ids"]
     seq = x0.shape[1]
     if seq % block_size:
         raise ValueError(f"sdar_loss: sequence length {seq} is not a multiple of block_size {block_size}")
-    noised = noise_tokens(
-        rng, x0, loss_mask, batch["segment_ids"],
-        mask_token_id=mask_token_id, eps=eps, max_tries=max_tries,
-    )
-    tokens, positions, segment_ids = diffusion_row(
-        noised.xt, x0, batch["positions"], batch["segment_ids"]
-    )
+    index = prediction_index(seq, block_size, logits_convention)
+    shifted = logits_convention == "shifted"
+    eligible = shifted_eligible(loss_mask, segments) if shifted else loss_mask
+    if complementary:
+        first, second = complementary_noise(
+            rng, x0, eligible, segments, mask_token_id=mask_token_id, eps=eps)
+        xt, masked, p = (jnp.concatenate([a, b], axis=0) for a, b in zip(first, second))
+        x0, positions, segments, eligible = (
+            jnp.concatenate([a, a], axis=0) for a in (x0, positions, segments, eligible))
+    else:
+        noised = noise_tokens(
+            rng, x0, eligible, segments, mask_token_id=mask_token_id, eps=eps, max_tries=max_tries,
+        )
+        xt, masked, p = noised
+    teacher_logits = None
+    if teacher_fn is not None and distill_weight > 0:
+        teacher_logits = jax.lax.stop_gradient(
+            teacher_fn(batch["tokens"], batch["positions"], batch["segment_ids"]))
+        if complementary:
+            teacher_logits = jnp.concatenate([teacher_logits, teacher_logits], axis=0)
+    tokens, row_positions, row_segments = diffusion_row(xt, x0, positions, segments)
     out = apply_fn(
-        params, tokens, positions,
-        mask=MaskSpec("block_diffusion", block_size), segment_ids=segment_ids,
-        logits_slice=(0, seq),
+        params, tokens, row_positions,
+        mask=MaskSpec("block_diffusion", block_size), segment_ids=row_segments,
+        logits_slice=(0, 2 * seq) if shifted else (0, seq),
     )
+    if shifted:  # outputs read at j - 1 (spec 2.7), for the CE and for distillation
+        out = out.replace(logits=out.logits[:, index], hidden=out.hidden[:, index])
+    logits = out.logits
     ce, correct = token_ce(out, x0)
-    masked = noised.masked
     num_masked = masked.sum(dtype=jnp.int32)
-    num_loss_tokens = loss_mask.sum(dtype=jnp.int32)
-    weighted_ce_sum = jnp.sum(jnp.where(masked, ce / noised.p, 0.0))
+    num_loss_tokens = eligible.sum(dtype=jnp.int32)
+    weighted_ce_sum = jnp.sum(jnp.where(masked, ce / p, 0.0))
+    distill_sum = jnp.zeros((), jnp.float32)
+    if teacher_logits is not None:
+        select = left_clean_masked(masked, block_size) & _has_predecessor(segments)
+        distill_sum = jnp.sum(jnp.where(select, soft_cross_entropy(teacher_logits, logits), 0.0))
+        weighted_ce_sum = weighted_ce_sum + distill_weight * distill_sum
     normalizer = num_loss_tokens if normalization == "non_prompt" else num_masked
     loss = _safe_div(weighted_ce_sum, normalizer)
     metrics = {
@@ -144,6 +238,42 @@ def sdar_loss(
         "aux_loss": jnp.asarray(out.aux_loss, jnp.float32),
     }
     return loss, metrics
+
+
+def left_clean_masked(masked: jnp.ndarray, block_size: int) -> jnp.ndarray:
+    """Masked tokens with no masked token before them in their block.
+
+    Args:
+      masked: [batch, L] bool, L a multiple of block_size.
+
+    Returns:
+      [batch, L] bool.
+    """
+    rows, L = masked.shape
+    m = masked.reshape(rows, L // block_size, block_size).astype(jnp.int32)
+    before = jnp.cumsum(m, axis=-1) - m
+    return (masked.reshape(m.shape) & (before == 0)).reshape(rows, L)
+
+
+def _has_predecessor(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """[batch, L] bool: token j - 1 exists and lies in j's packed example."""
+    same = segment_ids[:, 1:] == segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros((segment_ids.shape[0], 1), bool), same], axis=1)
+
+
+def soft_cross_entropy(teacher_next: jnp.ndarray, student: jnp.ndarray) -> jnp.ndarray:
+    """-sum_v softmax(teacher at j - 1)_v * log_softmax(student at j)_v per token.
+
+    Args:
+      teacher_next: [batch, L, vocab] causal logits (output i predicts token i + 1).
+      student: [batch, L, vocab] the student's logits for each token j.
+
+    Returns:
+      [batch, L] float32; entry 0 of each row is meaningless (no teacher output before it).
+    """
+    shifted = jnp.concatenate([teacher_next[:, :1], teacher_next[:, :-1]], axis=1)
+    probs = jax.nn.softmax(shifted.astype(jnp.float32), axis=-1)
+    return -jnp.sum(probs * jax.nn.log_softmax(student.astype(jnp.float32), axis=-1), axis=-1)
 
 
 def ar_targets(batch: Mapping[str, jnp.ndarray]) -> tuple[jnp.ndarray, jnp.ndarray]:

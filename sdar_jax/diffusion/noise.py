@@ -87,6 +87,21 @@ def _segment_sum(x: jnp.ndarray, start: jnp.ndarray, end: jnp.ndarray) -> jnp.nd
     return _gather(total, end) - _gather(total, start) + _gather(x, start)
 
 
+def _checked_segments(caller: str, tokens: jnp.ndarray, loss_mask: jnp.ndarray,
+                      segment_ids: jnp.ndarray | None) -> jnp.ndarray:
+    """Checks the [batch, seq] shapes; returns segment_ids (one segment per row when None)."""
+    if tokens.ndim != 2 or loss_mask.shape != tokens.shape:
+        raise ValueError(
+            f"{caller}: tokens {tokens.shape} must be [batch, seq] and loss_mask "
+            f"{loss_mask.shape} the same shape"
+        )
+    if segment_ids is None:
+        return jnp.zeros(tokens.shape, jnp.int32)
+    if segment_ids.shape != tokens.shape:
+        raise ValueError(f"{caller}: segment_ids {segment_ids.shape} must match tokens {tokens.shape}")
+    return segment_ids
+
+
 def noise_tokens(
     rng: jax.Array,
     tokens: jnp.ndarray,
@@ -117,17 +132,7 @@ def noise_tokens(
         raise ValueError(f"noise_tokens: eps must lie in (0, 1], got {eps!r}")
     if not isinstance(max_tries, int) or max_tries < 1:
         raise ValueError(f"noise_tokens: max_tries must be a positive int, got {max_tries!r}")
-    if tokens.ndim != 2 or loss_mask.shape != tokens.shape:
-        raise ValueError(
-            f"noise_tokens: tokens {tokens.shape} must be [batch, seq] and loss_mask "
-            f"{loss_mask.shape} the same shape"
-        )
-    if segment_ids is None:
-        segment_ids = jnp.zeros(tokens.shape, jnp.int32)
-    elif segment_ids.shape != tokens.shape:
-        raise ValueError(
-            f"noise_tokens: segment_ids {segment_ids.shape} must match tokens {tokens.shape}"
-        )
+    segment_ids = _checked_segments("noise_tokens", tokens, loss_mask, segment_ids)
     eligible = loss_mask.astype(bool)
     start, end = segment_bounds(segment_ids)
     t_rng, mask_rng, force_rng = jax.random.split(rng, 3)
@@ -154,6 +159,45 @@ def noise_tokens(
 
     xt = jnp.where(masked, jnp.asarray(mask_token_id, tokens.dtype), tokens)
     return NoisedTokens(xt=xt, masked=masked, p=p)
+
+
+def complementary_noise(
+    rng: jax.Array,
+    tokens: jnp.ndarray,
+    loss_mask: jnp.ndarray,
+    segment_ids: jnp.ndarray | None = None,
+    *,
+    mask_token_id: int,
+    eps: float = DEFAULT_EPS,
+) -> tuple[NoisedTokens, NoisedTokens]:
+    """Two noisings of the same tokens whose masks are exact complements (spec §2.7).
+
+    Every segment draws `t ~ U(eps, 1 - eps)`; the first copy masks each
+    eligible token independently with probability t, the second masks exactly
+    the eligible tokens the first left clean, an independent Bernoulli(1 - t)
+    mask (so its `p` is 1 - t). Every eligible token is masked in exactly one
+    copy. No forcing: a segment whose first copy masks nothing is fully masked
+    in the second.
+
+    Args: as `noise_tokens` (without max_tries); eps in (0, 0.5).
+
+    Returns:
+      (first, second) NoisedTokens; `first.masked ^ second.masked == eligible`.
+    """
+    if not 0.0 < eps < 0.5:
+        raise ValueError(f"complementary_noise: eps must lie in (0, 0.5), got {eps!r}")
+    segment_ids = _checked_segments("complementary_noise", tokens, loss_mask, segment_ids)
+    eligible = loss_mask.astype(bool)
+    start, _ = segment_bounds(segment_ids)
+    t_rng, mask_rng = jax.random.split(rng)
+    t = _gather(jax.random.uniform(t_rng, tokens.shape, jnp.float32, eps, 1.0 - eps), start)
+    first = (jax.random.uniform(mask_rng, tokens.shape, jnp.float32) < t) & eligible
+    second = eligible & ~first
+    mask_id = jnp.asarray(mask_token_id, tokens.dtype)
+    return (
+        NoisedTokens(xt=jnp.where(first, mask_id, tokens), masked=first, p=t),
+        NoisedTokens(xt=jnp.where(second, mask_id, tokens), masked=second, p=1.0 - t),
+    )
 
 
 def diffusion_row(

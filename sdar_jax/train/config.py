@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -112,6 +113,21 @@ def base_config() -> ml_collections.ConfigDict:
         aux_loss_coef=placeholder(float),  # None: the model's router_aux_loss_coef.
         eps=1e-3,
         max_tries=10,
+        # Adaptation aids (spec §2.7); the defaults keep the release's objective.
+        # The logits convention is the model's (model.overrides.logits_convention).
+        # Noise every example twice with complementary masks (levels t, 1 - t).
+        complementary_masking=False,
+        # Mixed B: every micro-batch draws its block size from this set, e.g. (4, 8);
+        # None: one size. Excludes the schedule below.
+        mixed_block_sizes=placeholder(tuple),
+        # Block-size schedule: start at this size and double up to block_size in
+        # equal stages over block_schedule_steps steps; None: no schedule.
+        block_schedule_start=placeholder(int),
+        block_schedule_steps=0,
+        # Distillation from an AR teacher where a masked token's in-block left
+        # context is clean (sdar_jax.diffusion.loss.sdar_loss); 0: off.
+        distill_weight=0.0,
+        distill_from=placeholder(str),  # None: train.init_from.
     ))
 
     # Read by the trainer (seq_len, global_batch_size, seed, tokenizer_dir) and
@@ -250,14 +266,19 @@ def validate(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
             f"objective.normalization is {obj.normalization!r}; expected one of {NORMALIZATIONS}"
         )
     if obj.kind == "sdar":
-        block = block_size(config, model)
+        block = data_block_size(config, model)
+        if obj.complementary_masking and not 0.0 < obj.eps < 0.5:
+            raise RunConfigError(
+                f"objective.complementary_masking needs objective.eps in (0, 0.5), got {obj.eps}"
+            )
         if model.mask_token_id is None:
             raise RunConfigError(
                 "objective.kind='sdar' needs a mask token: set model.overrides.mask_token_id"
             )
         if data.seq_len % block:
             raise RunConfigError(
-                f"data.seq_len ({data.seq_len}) must be a multiple of the block size ({block})"
+                f"data.seq_len ({data.seq_len}) must be a multiple of the block size ({block}; "
+                "with several block sizes, of their least common multiple)"
             )
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep"):
         if train[name] < 1:
@@ -371,9 +392,50 @@ def block_size(config: ml_collections.ConfigDict, model: ModelConfig) -> int:
     return int(block)
 
 
+def block_sizes(config: ml_collections.ConfigDict, model: ModelConfig) -> tuple[int, ...]:
+    """The block sizes an SDAR run trains at, in order (see `train.step.block_index`).
+
+    `objective.mixed_block_sizes` (sorted), else the doubling schedule from
+    `objective.block_schedule_start` up to `block_size`, else `(block_size,)`.
+    """
+    obj = config.objective
+    mixed, start = obj.mixed_block_sizes, obj.block_schedule_start
+    if mixed and start is not None:
+        raise RunConfigError(
+            "objective.mixed_block_sizes and objective.block_schedule_start exclude each other; "
+            "unset one"
+        )
+    if mixed:
+        sizes = tuple(sorted({int(b) for b in mixed}))
+        if any(b < 1 for b in sizes) or len(sizes) != len(tuple(mixed)):
+            raise RunConfigError(
+                f"objective.mixed_block_sizes must hold distinct positive ints, got {tuple(mixed)}"
+            )
+        return sizes
+    target = block_size(config, model)
+    if start is None:
+        return (target,)
+    if start < 1 or obj.block_schedule_steps < 1:
+        raise RunConfigError(
+            f"a block-size schedule needs objective.block_schedule_start >= 1 and "
+            f"objective.block_schedule_steps >= 1, got {start} and {obj.block_schedule_steps}"
+        )
+    sizes = [int(start)]
+    while sizes[-1] < target:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != target:
+        raise RunConfigError(
+            f"objective.block_schedule_start ({start}) must reach block_size ({target}) by doubling"
+        )
+    return tuple(sizes)
+
+
 def data_block_size(config: ml_collections.ConfigDict, model: ModelConfig) -> int:
-    """The multiple examples are padded to: the block size for SDAR, 1 for AR."""
-    return block_size(config, model) if config.objective.kind == "sdar" else 1
+    """The multiple examples are padded to: for SDAR the least common multiple of its
+    block sizes (every size then sees examples on its block boundaries), 1 for AR."""
+    if config.objective.kind != "sdar":
+        return 1
+    return math.lcm(*block_sizes(config, model))
 
 
 def aux_loss_coef(config: ml_collections.ConfigDict, model: ModelConfig) -> float:

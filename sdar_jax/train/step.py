@@ -29,38 +29,99 @@ import ml_collections
 import optax
 
 from sdar_jax.config import ModelConfig
+from sdar_jax.convert import load_params_checkpoint
 from sdar_jax.diffusion.loss import ar_loss, sdar_loss
 from sdar_jax.model import transformer
 from sdar_jax.model.head import chunked_token_ce
+from sdar_jax.ops.masks import MaskSpec
 from sdar_jax.train import config as run_config
 from sdar_jax.train.state import TrainState, step_rng
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
-# (params, batch, rng) -> (loss, metrics) with metrics holding at least
-# weighted_ce_sum, normalizer, accuracy, aux_loss and num_loss_tokens.
-LossFn = Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]
+# (params, batch, rng, step) -> (loss, metrics) with metrics holding at least
+# weighted_ce_sum, normalizer, accuracy, aux_loss and num_loss_tokens; step
+# (int32 scalar, the optimizer step) drives a block-size schedule.
+LossFn = Callable[[Any, Batch, jax.Array, jax.Array], tuple[jax.Array, Metrics]]
+# The step evaluations run at: past any block-size schedule (its target size).
+EVAL_STEP = 2**30
+
+
+def block_index(step: jax.Array, rng: jax.Array, *, num_sizes: int, mixed: bool,
+                schedule_steps: int) -> jax.Array:
+    """Which of the run's block sizes (`run_config.block_sizes`) a micro-batch trains at.
+
+    Mixed B: uniform over the sizes, drawn from `rng`. Schedule: size k of
+    the growing list for steps [k, k + 1) * schedule_steps / num_sizes, the
+    last size from `schedule_steps` on. One size: 0.
+
+    Returns:
+      int32 scalar in [0, num_sizes).
+    """
+    if num_sizes == 1:
+        return jnp.zeros((), jnp.int32)
+    if mixed:
+        return jax.random.randint(rng, (), 0, num_sizes, jnp.int32)
+    k = (jnp.asarray(step, jnp.int32) * num_sizes) // max(schedule_steps, 1)
+    return jnp.minimum(k, num_sizes - 1).astype(jnp.int32)
+
+
+def make_teacher_fn(config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
+    """The AR teacher of distillation: `objective.distill_from` (else `train.init_from`),
+    run causally. Its params enter the compiled step as constants (fine for the
+    small models distillation is meant for here)."""
+    path = config.objective.distill_from or config.train.init_from
+    if not path:
+        raise run_config.RunConfigError(
+            "objective.distill_weight > 0 needs a teacher: set objective.distill_from or "
+            "train.init_from")
+    teacher, params = load_params_checkpoint(path)
+
+    def teacher_fn(tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        return transformer.apply(teacher, params, tokens, positions, mask=MaskSpec("causal"),
+                                 segment_ids=segment_ids).logits
+
+    return teacher_fn
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, model: ModelConfig) -> LossFn:
-    """The objective of the run (`objective.kind`) as `(params, batch, rng) -> (loss, metrics)`."""
+    """The objective of the run (`objective.kind`) as `(params, batch, rng, step) -> (loss, metrics)`.
+
+    With several block sizes (`objective.mixed_block_sizes` or a block-size
+    schedule) every size is one branch of a `lax.switch`, so the step stays
+    one compiled function and each micro-batch runs only its own branch.
+    """
     obj = config.objective
     apply_fn = functools.partial(transformer.apply, model)
     if obj.kind == "sdar":
-        block = run_config.block_size(config, model)
+        sizes = run_config.block_sizes(config, model)
+        mixed = bool(obj.mixed_block_sizes)
+        teacher_fn = make_teacher_fn(config) if obj.distill_weight > 0 else None
+        branches = [functools.partial(
+            sdar_loss, apply_fn, block_size=b, mask_token_id=model.mask_token_id,
+            normalization=obj.normalization, eps=obj.eps, max_tries=obj.max_tries,
+            logits_convention=model.logits_convention, complementary=obj.complementary_masking,
+            teacher_fn=teacher_fn, distill_weight=obj.distill_weight,
+        ) for b in sizes]
 
-        def loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
-            return sdar_loss(
-                apply_fn, params, batch, rng, block_size=block, mask_token_id=model.mask_token_id,
-                normalization=obj.normalization, eps=obj.eps, max_tries=obj.max_tries,
-                token_ce=chunked_token_ce(model, params),  # no whole-row float32 logits
+        def loss_fn(params: Any, batch: Batch, rng: jax.Array,
+                    step: jax.Array | int = 0) -> tuple[jax.Array, Metrics]:
+            token_ce = chunked_token_ce(model, params)  # no whole-row float32 logits
+            if len(branches) == 1:
+                return branches[0](params, batch, rng, token_ce=token_ce)
+            choice_rng, rng = jax.random.split(rng)
+            k = block_index(step, choice_rng, num_sizes=len(sizes), mixed=mixed,
+                            schedule_steps=obj.block_schedule_steps)
+            return jax.lax.switch(
+                k, [functools.partial(f, token_ce=token_ce) for f in branches], params, batch, rng
             )
 
         return loss_fn
     if obj.kind == "ar":
 
-        def ar_loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
-            del rng  # the AR objective is deterministic
+        def ar_loss_fn(params: Any, batch: Batch, rng: jax.Array,
+                       step: jax.Array | int = 0) -> tuple[jax.Array, Metrics]:
+            del rng, step  # the AR objective is deterministic
             loss, metrics = ar_loss(apply_fn, params, batch, chunked_token_ce(model, params))
             return loss, {**metrics, "num_loss_tokens": metrics["num_targets"]}
 
@@ -151,7 +212,7 @@ def train_step(
     rngs = jax.random.split(step_rng(state), grad_accum_steps)
 
     def objective(params: Any, micro: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
-        _, metrics = loss_fn(params, micro, rng)
+        _, metrics = loss_fn(params, micro, rng, state.step)
         normalizer = jax.lax.stop_gradient(metrics["normalizer"].astype(jnp.float32))
         return metrics["weighted_ce_sum"] + aux_coef * metrics["aux_loss"] * normalizer, metrics
 
@@ -193,7 +254,7 @@ def eval_step(params: Any, batch: Batch, rng: jax.Array, *, loss_fn: LossFn) -> 
       batch: the shared batch dict, [batch, seq] arrays.
       rng: the noise key (fixed per eval batch, so evaluations are comparable).
     """
-    _, metrics = loss_fn(params, batch, rng)
+    _, metrics = loss_fn(params, batch, rng, EVAL_STEP)
     return _sums(metrics)
 
 
