@@ -276,9 +276,10 @@ def validate(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
                 "objective.kind='sdar' needs a mask token: set model.overrides.mask_token_id"
             )
         if data.seq_len % block:
+            several = len(block_sizes(config, model)) > 1
             raise RunConfigError(
-                f"data.seq_len ({data.seq_len}) must be a multiple of the block size ({block}; "
-                "with several block sizes, of their least common multiple)"
+                f"data.seq_len ({data.seq_len}) must be a multiple of the block size ({block})"
+                + (", the least common multiple of the block sizes" if several else "")
             )
     for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep"):
         if train[name] < 1:
