@@ -21,9 +21,10 @@ soon as it is produced, so a failure later loses no finished work; at the
 end the file is rewritten in input order. `--output` is checked for
 writability before anything is loaded. A single prompt streams its text
 block by block to stdout; every run ends with a summary line (TPF and
-tokens/s). Compilations are cached on disk (see `--compilation-cache`), so a
-second run on the same shapes does not compile again. Bad input exits with
-status 2 and a one-line message naming the value.
+tokens/s). Compilations go to JAX's persistent cache (`--compilation-cache`),
+which skips programs with host callbacks (the streaming and `--output` paths
+use one). Bad input exits with status 2 and a one-line message naming the
+value.
 """
 
 from __future__ import annotations
