@@ -140,7 +140,7 @@ def test_sharded_decoding_equals_one_device(checkpoints, single_device, preset, 
 def test_restore_reports_every_mismatch(checkpoints):
     path, _ = checkpoints["tiny"]
     context = parallel.ShardingContext.from_config(ParallelConfig(data=8))
-    other = get_preset("tiny", num_layers=2, vocab_size=256)
+    other = get_preset("tiny", num_layers=2, vocab_size=256, mask_token_id=255)
     with pytest.raises(RestoreError, match="stored shape \\[3, 64, 128\\], expected \\[2, 64, 128\\]") as info:
         restore_params(path, model_sharding.param_shardings(other, context), model_sharding.param_shapes(other))
     assert "embed_tokens/embedding: stored shape [512, 64], expected [256, 64]" in str(info.value)
