@@ -97,19 +97,35 @@ def write_synthetic_checkpoint(
     return sum(math.prod(shape) for _, shape in tensors) * dtype.itemsize
 
 
+# Runs argv[2:] and writes its peak RSS (KiB) and CPU seconds to argv[1]. A
+# child started from this small process, not from the bench (which holds a
+# synthetic checkpoint's worth of pages): Linux carries a process's RSS high
+# water mark across fork/vfork + exec into the child's ru_maxrss.
+_WRAPPER = """
+import json, resource, subprocess, sys
+code = subprocess.run(sys.argv[2:]).returncode
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(sys.argv[1], "w") as f:
+    json.dump({"code": code, "maxrss_kib": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}, f)
+"""
+
+
 def measure(argv: Sequence[str], env: dict[str, str]) -> Run:
-    """Runs argv; its peak RSS from the kernel (ru_maxrss, KiB on Linux) and wall time."""
-    with tempfile.TemporaryFile() as log:
+    """Runs argv; its peak RSS from the kernel (getrusage(RUSAGE_CHILDREN)
+    around it, in a small wrapper process), wall time and CPU time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file, log_file = os.path.join(tmp, "result.json"), os.path.join(tmp, "log")
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-        # os.wait4 (not proc.wait) returns this child's own resource usage.
-        _, status, usage = os.wait4(proc.pid, 0)
+        with open(log_file, "wb") as log:
+            subprocess.run([sys.executable, "-c", _WRAPPER, result_file, *argv], env=env,
+                           stdout=log, stderr=subprocess.STDOUT, check=True)
         seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            log.seek(0)
-            raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}:\n{log.read().decode()}")
-    return Run(peak_rss=usage.ru_maxrss * 1024, seconds=seconds, cpu_seconds=usage.ru_utime + usage.ru_stime)
+        with open(result_file) as f:
+            result = json.load(f)
+        if result["code"] != 0:
+            with open(log_file) as f:
+                raise RuntimeError(f"{' '.join(argv)} exited {result['code']}:\n{f.read()}")
+    return Run(peak_rss=result["maxrss_kib"] * 1024, seconds=seconds, cpu_seconds=result["cpu"])
 
 
 def _dir_bytes(path: str) -> int:
