@@ -437,6 +437,10 @@ def test_custom_rules_train_like_the_defaults_with_their_own_specs(references, p
 
 
 def _traced(context: ShardingContext, fn, *args) -> str:
+    # The rules are read at trace time and are not part of jit's cache key (parallel.py's
+    # docstring: a jitted function keeps the trace of the first context it ran under), so an
+    # inner function traced earlier in this process under other rules must not be reused.
+    jax.clear_caches()
     with context.activate():
         return str(jax.make_jaxpr(fn)(*args))
 
