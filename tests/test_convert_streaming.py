@@ -15,6 +15,7 @@ import pytest
 from bench import convert_memory
 from sdar_jax import convert, parallel
 from sdar_jax.config import get_preset
+from sdar_jax.model import sharding as model_sharding
 from sdar_jax.model import transformer
 from tests.helpers import hf_models
 
@@ -121,8 +122,7 @@ def test_sharded_restore_of_a_converted_moe_checkpoint(tmp_path):
     hf_dir, _ = hf_models.make_checkpoint(tmp_path / "hf", "qwen3_moe", seed=6)
     config = convert.hf_to_jax(hf_dir, tmp_path / "ckpt")
     layout = parallel.ParallelConfig(data=2, expert=4)
-    mesh = parallel.make_mesh(layout)
-    shardings = parallel.param_shardings(config, layout, mesh)
+    shardings = model_sharding.param_shardings(config, parallel.ShardingContext.from_config(layout))
     _, got = convert.load_params_checkpoint(tmp_path / "ckpt", "bfloat16", shardings)
     _, want = convert.hf_to_params(hf_dir)
     gate = got["layers"]["mlp"]["gate_proj"]["kernel"]

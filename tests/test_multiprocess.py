@@ -295,9 +295,11 @@ def test_two_processes_train_like_one(two_process_run, other_mesh, tmp_path):
     _, want = load_params_checkpoint(reference.export_dir)
     q = got["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-    # Adam moves each weight ~lr = 1e-3 per step: agree to a thousandth of a step.
+    # Adam moves each weight ~lr = 1e-3 per step: agree to a hundredth of a step. (Eight-way and
+    # one-device reductions sum in different orders, and Adam's m / sqrt(v) magnifies that
+    # rounding where a gradient is near zero: CI saw 1.5e-6 in one of 32768 elements.)
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6), got, want
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5), got, want
     )
 
     # The steps did move the weights.

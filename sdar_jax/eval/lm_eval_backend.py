@@ -69,6 +69,7 @@ from sdar_jax.decode.cli import add_decoding_args, decode_config_from_args, reso
 from sdar_jax.decode.decoder import DecodeConfig
 from sdar_jax.data.tokenizer import load_tokenizer
 from sdar_jax.eval import loglikelihood, runner
+from sdar_jax.model import sharding as model_sharding
 
 MODEL_NAME = "sdar_jax"
 GENERATION_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k")
@@ -218,15 +219,16 @@ class SdarJaxLM(TemplateLM):
         self.likelihood = loglikelihood.LikelihoodSettings(
             mode=self.decode_config.mode, block_length=self.decode_config.block_length,
             mc_samples=self.mc_samples, batch_size=self.batch_size, seed=self.seed)
-        self.mesh = None
+        self.sharding_context = None
         self.mesh_spec = mesh
         if mesh is not None:
             pconfig = parse_mesh(mesh)
             try:
-                self.mesh = parallel.make_mesh(pconfig)
+                self.sharding_context = parallel.ShardingContext.from_config(pconfig)
             except parallel.ParallelConfigError as e:
                 raise ModelArgsError(f"mesh={mesh!r}: {e}") from e
-            params = jax.device_put(params, parallel.param_shardings(self.model_config, pconfig, self.mesh))
+            params = jax.device_put(
+                params, model_sharding.param_shardings(self.model_config, self.sharding_context))
         self.params = params
         self.totals = DecodeTotals()
 
@@ -267,10 +269,10 @@ class SdarJaxLM(TemplateLM):
 
     @contextlib.contextmanager
     def _on_mesh(self) -> Iterator[None]:
-        if self.mesh is None:
+        if self.sharding_context is None:
             yield
         else:
-            with jax.set_mesh(self.mesh):
+            with self.sharding_context.activate():
                 yield
 
     # ---- requests --------------------------------------------------------------------------------

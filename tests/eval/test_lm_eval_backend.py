@@ -212,7 +212,7 @@ def test_every_decoding_flag_is_a_model_argument(ckpt):
 def test_sharded_generation_and_scores_equal_unsharded(ckpt, lm):
     sharded = lm_eval_backend.SdarJaxLM(ckpt=str(ckpt), batch_size=4, progress=False,
                                         mesh="fsdp:2/tensor:2", **DECODING)
-    assert sharded.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+    assert sharded.sharding_context.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
     prompts = ["12+34=?", "5+6=?", "sort 3 1 2"]
     gen = {"until": [], "max_gen_toks": 8}
     assert _generate(sharded, prompts, gen) == _generate(lm, prompts, gen)
