@@ -110,14 +110,14 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-def measure(argv: Sequence[str], env: dict[str, str]) -> Run:
-    """Runs argv; its peak RSS from the kernel (getrusage(RUSAGE_CHILDREN)
+def measure(argv: Sequence[str], env: dict[str, str], cwd: str) -> Run:
+    """Runs argv in `cwd`; its peak RSS from the kernel (getrusage(RUSAGE_CHILDREN)
     around it, in a small wrapper process), wall time and CPU time."""
     with tempfile.TemporaryDirectory() as tmp:
         result_file, log_file = os.path.join(tmp, "result.json"), os.path.join(tmp, "log")
         start = time.perf_counter()
         with open(log_file, "wb") as log:
-            subprocess.run([sys.executable, "-c", _WRAPPER, result_file, *argv], env=env,
+            subprocess.run([sys.executable, "-c", _WRAPPER, result_file, *argv], env=env, cwd=cwd,
                            stdout=log, stderr=subprocess.STDOUT, check=True)
         seconds = time.perf_counter() - start
         with open(result_file) as f:
@@ -150,9 +150,11 @@ def run_layers(workdir: str, config: ModelConfig, repos: Mapping[str, str], max_
             ckpt_dir, back_dir = f"{base}-{code}-ckpt", f"{base}-{code}-back"
             try:
                 cli = [sys.executable, "-m", "launch.convert_checkpoint"]
-                to_jax = measure(cli + ["hf-to-jax", "--hf", hf_dir, "--out", ckpt_dir], _env(repo))
+                # `python -m` puts the working directory first on sys.path, so each
+                # repo's converter runs from that repo.
+                to_jax = measure(cli + ["hf-to-jax", "--hf", hf_dir, "--out", ckpt_dir], _env(repo), repo)
                 ckpt_bytes = _dir_bytes(ckpt_dir)
-                to_hf = measure(cli + ["jax-to-hf", "--ckpt", ckpt_dir, "--out", back_dir], _env(repo))
+                to_hf = measure(cli + ["jax-to-hf", "--ckpt", ckpt_dir, "--out", back_dir], _env(repo), repo)
             finally:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
                 shutil.rmtree(back_dir, ignore_errors=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 import ml_dtypes
@@ -162,3 +163,17 @@ def test_peak_memory_does_not_grow_with_the_layer_count(tmp_path, capsys):
     for direction in ("hf_to_jax", "jax_to_hf"):
         growth = getattr(large, direction).peak_rss - getattr(small, direction).peak_rss
         assert growth < 0.3 * data_growth, (direction, growth, data_growth)
+
+
+def test_measure_runs_the_given_checkouts_module(tmp_path):
+    """`--baseline` runs the other checkout's converter: `python -m` takes the
+    module from the working directory, so measure must run there."""
+    other = tmp_path / "other_checkout"
+    (other / "launch").mkdir(parents=True)
+    (other / "launch" / "__init__.py").write_text("")
+    marker = tmp_path / "ran_from"
+    (other / "launch" / "probe.py").write_text(
+        f"import os\nopen({str(marker)!r}, 'w').write(os.path.abspath(__file__))\n")
+    run = convert_memory.measure([sys.executable, "-m", "launch.probe"], convert_memory._env(str(other)), str(other))
+    assert marker.read_text() == str(other / "launch" / "probe.py")
+    assert run.peak_rss > 0
