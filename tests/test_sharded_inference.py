@@ -1,6 +1,13 @@
 """Sharded inference on 8 fake CPU devices: `--mesh` parsing, params restored straight into
 their shardings, and block-diffusion decoding under the sharding context equal to one device
-for every strategy."""
+for every strategy.
+
+Compilation is nearly all of this file's time (one decoder program per mesh for the five
+strategies that share a compilation, one each for the staged `said` and `said_chlg`), so the
+module compiles with XLA's optimizations mostly off (`jax_disable_most_optimizations`): GSPMD
+still partitions every program, which is what the equality checks, and the single-device
+reference, computed once per checkpoint, compiles the same way.
+"""
 
 from __future__ import annotations
 
@@ -71,6 +78,14 @@ def test_parse_mesh_spec_errors_are_one_line(text, message):
     with pytest.raises(ParallelConfigError, match=message) as info:
         parallel.parse_mesh_spec(text)
     assert "\n" not in str(info.value) and f"--mesh {text!r}" in str(info.value)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compilation():
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,16 @@ EVALUATE = ["--chat", "--n-samples", "2", "--batch-size", "4", "--num-buckets", 
 TIMING = ("wall_seconds", "compile_seconds", "decode_seconds", "tokens_per_second")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fast_compilation():
+    """XLA optimizations mostly off, as in tests/test_sharded_inference.py (compilation is this
+    file's time; GSPMD partitions all the same), for the in-process runs and the reference."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """Tiny one-layer dense and MoE checkpoints with the char tokenizer, and 5 problems."""
@@ -122,7 +132,7 @@ def test_two_process_evaluate_equals_one_process(workdir, one_device, tmp_path):
              for i in range(2)]
     envs = [processes.cpu_process_env(
         4, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
-        JAX_DEFAULT_MATMUL_PRECISION="highest",
+        JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
         PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
         for i in range(2)]
     # Each process has 4 devices: only the joined run has the mesh's 8 (else exit 2).
