@@ -25,6 +25,7 @@ from sdar_jax.model import sharding as model_sharding
 from sdar_jax.model import transformer
 from sdar_jax.parallel import ParallelConfig, ParallelConfigError
 from sdar_jax.sharded_restore import RestoreError, restore_params, setup_inference, to_host
+from tests.helpers.compilation import fast_compilation  # noqa: F401 - autouse fixture
 
 # One decode config per strategy (the staged SAID ones need their own budgets).
 DECODES = {
@@ -78,14 +79,6 @@ def test_parse_mesh_spec_errors_are_one_line(text, message):
     with pytest.raises(ParallelConfigError, match=message) as info:
         parallel.parse_mesh_spec(text)
     assert "\n" not in str(info.value) and f"--mesh {text!r}" in str(info.value)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compilation():
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="module")

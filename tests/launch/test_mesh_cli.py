@@ -20,6 +20,7 @@ from sdar_jax.data import tasks
 from sdar_jax.data.tokenizer import CHAR_TOKENIZER_DIR
 from sdar_jax.model import transformer
 from tests.helpers import processes
+from tests.helpers.compilation import fast_compilation  # noqa: F401 - autouse fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 420
@@ -29,16 +30,6 @@ DECODING = ["--block-length", "4", "--strategy", "low_confidence_dynamic", "--th
 EVALUATE = ["--chat", "--n-samples", "2", "--batch-size", "4", "--num-buckets", "1", "--no-progress"]
 # Measured per run, not results.
 TIMING = ("wall_seconds", "compile_seconds", "decode_seconds", "tokens_per_second")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compilation():
-    """XLA optimizations mostly off, as in tests/test_sharded_inference.py (compilation is this
-    file's time; GSPMD partitions all the same), for the in-process runs and the reference."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="module")
