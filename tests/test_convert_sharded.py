@@ -10,17 +10,17 @@ import pytest
 from sdar_jax import convert, parallel
 from sdar_jax.config import get_preset
 from sdar_jax.model import sharding as model_sharding
-from sdar_jax.model import transformer
 
 
 @pytest.mark.parametrize("preset, mesh", [("tiny", "fsdp=4,tensor=2"), ("tiny-moe", "data=2,tensor=2,expert=2")])
 def test_export_of_a_sharded_save_equals_the_params(tmp_path, preset, mesh):
     config = get_preset(preset)
-    host = jax.device_get(transformer.init_params(config, jax.random.key(5)))
+    rng = np.random.default_rng(5)
+    host = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype), model_sharding.param_shapes(config))
     context = parallel.ShardingContext.from_config(parallel.parse_mesh_spec(mesh))
     sharded = jax.device_put(host, model_sharding.param_shardings(config, context))
     q = sharded["layers"]["self_attn"]["q_proj"]["kernel"]
-    assert len({s.index for s in q.addressable_shards}) > 1  # really saved from several shards
+    assert len({str(s.index) for s in q.addressable_shards}) > 1  # really saved from several shards
     convert.save_params_checkpoint(tmp_path / "ckpt", config, sharded)
 
     convert.jax_to_hf(tmp_path / "ckpt", tmp_path / "hf", max_shard_bytes=200_000)
