@@ -2,7 +2,7 @@
 their shardings, and block-diffusion decoding under the sharding context equal to one device
 for every strategy.
 
-Compilation is nearly all of this file's time (one decoder program per mesh for the five
+Compilation is nearly all of this file's time (one decoder program per mesh for the four
 strategies that share a compilation, one each for the staged `said` and `said_chlg`), so the
 module compiles with XLA's optimizations mostly off (`jax_disable_most_optimizations`): GSPMD
 still partitions every program, which is what the equality checks, and the single-device
