@@ -4,7 +4,7 @@
       [--style gsm8k|math|math_hendrycks|exact]
       [--gsm8k-extract last-marker|strict-match|flexible-extract]
       [--n-samples N] [--k 1,5] [--output FILE.jsonl] [--summary FILE.json]
-      [--batch-size N] [--num-buckets N] [--seed S] [--limit N]
+      [--batch-size N] [--num-buckets N] [--seed S] [--limit N] [--mesh fsdp=4,tensor=2]
       [every decoding flag of launch/generate.py: --mode --block-length --steps --strategy
        --threshold --temperature --top-k --top-p --max-new-tokens --stop-ids ...]
 
@@ -27,6 +27,14 @@ rewritten in input order at the end; the summary JSON in `--summary`
 summary printed. Both output paths are checked for writability before any
 work. Compilations are cached on disk (`--compilation-cache`). Bad input
 exits with status 2 and a one-line message naming the value.
+
+`--mesh fsdp=4,tensor=2` decodes on a device mesh (axes as in the train
+config, `-1` for the devices left over), the params restored straight into
+their shardings; on a mesh each bucket's records are written when its
+decoder call returns. On several hosts run the same command on every host
+(multi-host start-up as `launch/train.py`: SLURM, TPU pods, or
+`JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`); every
+process decodes every problem and process 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -38,8 +46,8 @@ import sys
 from typing import Any, Sequence
 
 from sdar_jax.decode.cli import (
-    DecodingArgsError, add_cache_args, add_decoding_args, check_writable, decode_config_from_args,
-    enable_compilation_cache, resolve_stop_ids,
+    DecodingArgsError, add_cache_args, add_decoding_args, add_mesh_args, check_writable,
+    decode_config_from_args, enable_compilation_cache, resolve_stop_ids, start_run,
 )
 from sdar_jax.eval import answers
 from sdar_jax.eval.runner import EvalSettings
@@ -96,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_decoding_args(parser)
+    add_mesh_args(parser)
     add_cache_args(parser)
     return parser
 
@@ -140,18 +149,22 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     summary_path = _summary_path(args)
+    start_run(args)
+
+    from sdar_jax import sharded_restore
+    from sdar_jax.parallel import ParallelConfigError
+    from sdar_jax.data.tokenizer import TokenizerError, load_tokenizer
+    from sdar_jax.eval import runner
+
+    writer = sharded_restore.writes_outputs()
     try:
-        if args.output:
+        if args.output and writer:
             check_writable(args.output, "--output")
-        if summary_path:
+        if summary_path and writer:
             check_writable(summary_path, "--summary")
         enable_compilation_cache(args)
     except DecodingArgsError as e:
         raise UsageError(str(e)) from e
-
-    from sdar_jax import convert
-    from sdar_jax.data.tokenizer import TokenizerError, load_tokenizer
-    from sdar_jax.eval import runner
 
     try:
         settings = EvalSettings(
@@ -171,9 +184,12 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.ckpt):
         raise UsageError(f"--ckpt {args.ckpt!r}: no such directory")
     try:
-        config, params = convert.load_params_checkpoint(args.ckpt)
+        model = sharded_restore.load_for_inference(args.ckpt, args.mesh)
+    except ParallelConfigError as e:  # a mesh that does not fit the devices
+        raise UsageError(f"--mesh {args.mesh!r}: {e}") from e
     except ValueError as e:
         raise UsageError(f"--ckpt {args.ckpt!r}: {e}") from e
+    config = model.config
     tokenizer_dir = args.tokenizer or args.ckpt
     try:
         tokenizer = load_tokenizer(tokenizer_dir)
@@ -183,13 +199,16 @@ def run(args: argparse.Namespace) -> int:
         decode_config = decode_config_from_args(args, config, resolve_stop_ids(args, tokenizer, config))
     except ValueError as e:
         raise UsageError(str(e)) from e
-    output = runner.JsonlStream(args.output) if args.output else None
+    output = runner.JsonlStream(args.output) if args.output and writer else None
     try:
-        result = runner.evaluate(
-            params, config, tokenizer, examples, decode_config, settings,
-            on_record=None if output is None else lambda _, record: output.append(record))
+        with sharded_restore.activate(model.context):
+            result = runner.evaluate(
+                model.params, config, tokenizer, examples, decode_config, settings,
+                on_record=None if output is None else lambda _, record: output.append(record))
     except ValueError as e:  # temperature / n-samples, prompt length
         raise UsageError(str(e)) from e
+    if not writer:
+        return 0
     if output is not None:
         output.finish(result.records)
     if summary_path:

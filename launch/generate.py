@@ -6,7 +6,7 @@
       [--said-stages K] [--said-rec-steps R] [--said-threshold T] [--chlg-threshold TAU]
       [--chlg-extra-steps N] [--temperature T] [--top-k K] [--top-p P]
       [--max-new-tokens G] [--stop-ids 151645,151643] [--batch-size N] [--seed S]
-      [--compilation-cache DIR|off]
+      [--mesh fsdp=4,tensor=2] [--compilation-cache DIR|off]
 
 CKPT_DIR is what `launch/convert_checkpoint.py hf-to-jax` (or the trainer)
 writes: `config.json` and `params/`, plus tokenizer files. A prompts file
@@ -25,6 +25,14 @@ tokens/s). Compilations go to JAX's persistent cache (`--compilation-cache`),
 which skips programs with host callbacks (the streaming and `--output` paths
 use one). Bad input exits with status 2 and a one-line message naming the
 value.
+
+`--mesh fsdp=4,tensor=2` decodes on a device mesh (axes as in the train
+config, `-1` for the devices left over), the params restored straight into
+their shardings. On a mesh there is no block-by-block streaming and
+`--output` is written when the decoding call returns (JAX runs the decoder's
+ordered host callbacks on one device only). On several hosts run the same
+command on every host (multi-host start-up as `launch/train.py`); every
+process decodes every prompt and process 0 prints and writes the results.
 """
 
 from __future__ import annotations
@@ -39,8 +47,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from sdar_jax.decode.cli import (
-    DecodingArgsError, add_cache_args, add_decoding_args, check_writable, decode_config_from_args,
-    enable_compilation_cache, resolve_stop_ids,
+    DecodingArgsError, add_cache_args, add_decoding_args, add_mesh_args, check_writable,
+    decode_config_from_args, enable_compilation_cache, resolve_stop_ids, start_run,
 )
 
 # Prompt buckets: a batch's prompts are right-padded to the next power of two
@@ -70,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8,
                         help="batch rows (slots) of continuous batching")
     parser.add_argument("--seed", type=int, default=0)
+    add_mesh_args(parser)
     add_cache_args(parser)
     return parser
 
@@ -199,26 +208,38 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
-        if args.output:
-            check_writable(args.output, "--output")
-        enable_compilation_cache(args)
+        start_run(args)
     except DecodingArgsError as e:
         raise UsageError(str(e)) from e
 
     import jax
     import jax.numpy as jnp
 
-    from sdar_jax import convert
+    from sdar_jax import sharded_restore
+    from sdar_jax.parallel import ParallelConfigError
     from sdar_jax.decode.decoder import Hooks, generate_many
     from sdar_jax.eval.runner import JsonlStream
 
+    writer = sharded_restore.writes_outputs()
+    try:
+        if args.output and writer:
+            check_writable(args.output, "--output")
+        enable_compilation_cache(args)
+    except DecodingArgsError as e:
+        raise UsageError(str(e)) from e
     items = _read_prompts(args)
     if not os.path.isdir(args.ckpt):
         raise UsageError(f"--ckpt {args.ckpt!r}: no such directory")
     try:
-        config, params = convert.load_params_checkpoint(args.ckpt)
+        model = sharded_restore.load_for_inference(args.ckpt, args.mesh)
+    except ParallelConfigError as e:  # a mesh that does not fit the devices
+        raise UsageError(f"--mesh {args.mesh!r}: {e}") from e
     except ValueError as e:
         raise UsageError(f"--ckpt {args.ckpt!r}: {e}") from e
+    config = model.config
+    # JAX runs the decoder's ordered host callbacks on one device only: on a larger mesh there
+    # is no block-by-block streaming and results are written when the decoding call returns.
+    in_loop = model.context is None or model.context.mesh.size == 1
     tokenizer = _load_tokenizer(args, needed=any("prompt" in item for item in items))
     prompts = _encode(items, tokenizer, args.chat, config.vocab_size)
     try:
@@ -236,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
             f"model's {config.max_position_embeddings} positions (max_position_embeddings)"
         )
     stream = None
-    if len(prompts) == 1 and tokenizer is not None and args.output is None:
+    if len(prompts) == 1 and tokenizer is not None and args.output is None and in_loop:
         stream = _Streamer(tokenizer, len(prompts[0]), dc.max_new_tokens, dc.stop_ids)
 
     width = min(_bucket(longest), max_prompt)
@@ -245,15 +266,18 @@ def run(args: argparse.Namespace) -> int:
         tokens[i, : len(ids)] = ids
     rng = jax.random.key(args.seed)
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(len(prompts)))
-    output = JsonlStream(args.output) if args.output else None
+    output = JsonlStream(args.output) if args.output and writer else None
     records = _Records(items, tokenizer, dc.stop_ids, output)
     start_time = time.perf_counter()
-    out = jax.device_get(generate_many(
-        params, config, jnp.asarray(tokens), jnp.asarray([len(p) for p in prompts], jnp.int32),
-        keys, dc, num_slots=args.batch_size,
-        hooks=Hooks(stream=stream, on_finish=records.on_finish if output else None),
-    ))
+    with sharded_restore.activate(model.context):
+        out = sharded_restore.to_host(generate_many(
+            model.params, config, tokens, np.asarray([len(p) for p in prompts], np.int32),
+            keys, dc, num_slots=args.batch_size,
+            hooks=Hooks(stream=stream, on_finish=records.on_finish if output and in_loop else None),
+        ))
     elapsed = time.perf_counter() - start_time
+    if not writer:
+        return 0
     results = [
         records.record(i, out.tokens[i, : int(out.lengths[i])].tolist(), int(out.num_forwards[i]),
                       int(out.num_committed[i]))

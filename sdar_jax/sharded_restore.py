@@ -24,15 +24,16 @@ arrays whose shards live on other processes' devices.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, ContextManager, NamedTuple, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from sdar_jax.config import ModelConfig, load_hf_config
-from sdar_jax.convert import PARAMS_SUBDIR
+from sdar_jax.convert import PARAMS_SUBDIR, load_params_checkpoint
 from sdar_jax.model import sharding as model_sharding
 from sdar_jax.parallel import ParallelConfig, Rules, ShardingContext, parse_mesh_spec
 
@@ -158,3 +159,43 @@ def setup_inference(
     if names:
         config = config.replace(param_dtype=names[0])
     return InferenceSetup(context=context, config=config, params=params)
+
+
+class InferenceModel(NamedTuple):
+    """A checkpoint loaded for generation or evaluation.
+
+    config, params: the model; params on one device without a mesh, else in
+      their rule-derived shardings.
+    context: the ShardingContext to decode inside, or None without a mesh.
+    """
+
+    config: ModelConfig
+    params: dict
+    context: ShardingContext | None
+
+
+def load_for_inference(ckpt_dir: str | os.PathLike, mesh: str | None = None) -> InferenceModel:
+    """What `--mesh` selects for generate and evaluate: without a mesh the params are read whole
+    onto the first local device (`convert.load_params_checkpoint`); with one, `setup_inference`
+    restores each straight into its sharding.
+
+    Raises:
+      ValueError (ConversionError, ParallelConfigError, RestoreError, ConfigError): a bad
+        checkpoint or mesh, one line naming it.
+    """
+    if mesh is None:
+        config, params = load_params_checkpoint(ckpt_dir)
+        return InferenceModel(config, params, None)
+    setup = setup_inference(ckpt_dir, mesh)
+    return InferenceModel(setup.config, setup.params, setup.context)
+
+
+def activate(context: ShardingContext | None) -> ContextManager[Any]:
+    """`context.activate()`, or a no-op without a mesh."""
+    return contextlib.nullcontext() if context is None else context.activate()
+
+
+def writes_outputs() -> bool:
+    """Whether this process writes the run's output files and prints its results (process 0;
+    every process computes them)."""
+    return jax.process_index() == 0

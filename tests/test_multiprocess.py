@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import textwrap
@@ -30,6 +29,7 @@ from sdar_jax.model import transformer
 from sdar_jax.train import config as run_config
 from sdar_jax.train import optimizer
 from sdar_jax.train.state import abstract_train_state
+from tests.helpers import processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER_TIMEOUT_S = 420
@@ -215,40 +215,18 @@ def test_slurm_rejects_a_mismatched_task_layout(tmp_path):
 # Two real processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_workers(workdir, mesh: str, num_processes: int = 2) -> list[dict]:
     """Starts the workers, waits (bounded) and always reaps them."""
-    coordinator = f"127.0.0.1:{_free_port()}"
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    logs = [open(workdir.parent / f"{workdir.name}_worker_{i}.log", "w") for i in range(num_processes)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, os.path.join(REPO, "tests", "multiprocess_worker.py"),
-             "--coordinator", coordinator, "--num-processes", str(num_processes), "--process-id", str(i),
-             "--devices", "4", "--mesh", mesh, "--workdir", str(workdir)],
-            cwd=REPO, env=env, stdout=logs[i], stderr=subprocess.STDOUT,
-        )
+    coordinator = f"127.0.0.1:{processes.free_port()}"
+    argvs = [
+        [sys.executable, os.path.join(REPO, "tests", "multiprocess_worker.py"),
+         "--coordinator", coordinator, "--num-processes", str(num_processes), "--process-id", str(i),
+         "--devices", "4", "--mesh", mesh, "--workdir", str(workdir)]
         for i in range(num_processes)
     ]
-    try:
-        codes = [p.wait(timeout=WORKER_TIMEOUT_S) for p in procs]
-    except subprocess.TimeoutExpired:
-        codes = None
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    tails = "\n".join(f"--- worker {i} ---\n" + log.name + "\n" + open(log.name).read()[-4000:]
-                      for i, log in enumerate(logs))
-    assert codes == [0] * num_processes, f"workers failed or timed out (exit codes {codes}):\n{tails}"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    processes.run_processes(argvs, [env] * num_processes, str(workdir.parent / f"{workdir.name}_worker"),
+                            WORKER_TIMEOUT_S, cwd=REPO)
     return [json.loads((workdir / f"result_{i}.json").read_text()) for i in range(num_processes)]
 
 

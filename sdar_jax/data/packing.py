@@ -10,7 +10,10 @@ contract for one row:
 
   tokens [seq_len] int32        (0 on row padding)
   segment_ids [seq_len] int32   (1, 2, ... per packed example; 0 on row padding)
-  positions [seq_len] int32     (restart at 0 for every packed example)
+  positions [seq_len] int32     (restart at 0 for every packed example, and
+                                 at the row padding, which counts on like an
+                                 example of its own: the TPU training kernel
+                                 refuses other positions, see ops/pallas_tpu)
   loss_mask [seq_len] bool      (False on prompts and row padding)
 """
 
@@ -95,10 +98,14 @@ class BlockPadAndFit(grain.experimental.FlatMapTransform):
 
 def _to_row(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Grain's packed element (`tokens_segment_ids`, ...) in the batch-contract names."""
+    segment_ids = packed["tokens_segment_ids"].astype(np.int32)
+    positions = packed["tokens_positions"].astype(np.int32)
+    padding = segment_ids == 0  # grain pads at the end of the row, positions 0
+    positions[padding] = np.arange(int(padding.sum()), dtype=np.int32)
     return {
         "tokens": packed["tokens"].astype(np.int32),
-        "segment_ids": packed["tokens_segment_ids"].astype(np.int32),
-        "positions": packed["tokens_positions"].astype(np.int32),
+        "segment_ids": segment_ids,
+        "positions": positions,
         "loss_mask": packed["loss_mask"].astype(bool),
     }
 
@@ -126,8 +133,9 @@ def pack(
 
 
 def empty_rows(num_rows: int, seq_len: int) -> dict[str, np.ndarray]:
-    """All-padding rows (segment 0, no loss), [num_rows, seq_len] each."""
-    rows = {k: np.zeros((num_rows, seq_len), np.int32) for k in ROW_KEYS[:3]}
+    """All-padding rows (segment 0, positions 0, 1, ..., no loss), [num_rows, seq_len] each."""
+    rows = {k: np.zeros((num_rows, seq_len), np.int32) for k in ROW_KEYS[:2]}
+    rows["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (num_rows, seq_len)).copy()
     rows["loss_mask"] = np.zeros((num_rows, seq_len), bool)
     return rows
 

@@ -14,6 +14,9 @@ before any work) and the persistent compilation cache
 on by default under `$XDG_CACHE_HOME/sdar_jax/jax` (else
 `~/.cache/sdar_jax/jax`); `--compilation-cache DIR` or the environment
 variable `SDAR_JAX_COMPILATION_CACHE` moves it, the value `off` disables it.
+
+`add_mesh_args` / `start_run` give generate and evaluate `--mesh` and the
+multi-host start-up of `launch/train.py` (`sdar_jax.distributed`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import os
 from typing import Any
 
+from sdar_jax import parallel
 from sdar_jax.config import ModelConfig
 from sdar_jax.decode import strategies
 from sdar_jax.decode.decoder import MODES, DecodeConfig
@@ -171,3 +175,34 @@ def enable_compilation_cache(args: argparse.Namespace) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
+
+
+def add_mesh_args(parser: argparse.ArgumentParser) -> None:
+    """Adds --mesh AXIS=SIZE,..."""
+    parser.add_argument(
+        "--mesh", default=None, metavar="AXIS=SIZE,...",
+        help="decode on a device mesh, e.g. fsdp=4,tensor=2 or data=-1,tensor=8 (axes data, fsdp, "
+             "tensor, expert as in the train config; -1: the devices left over; unnamed axes are 1 "
+             "except data). Params are restored straight into their shardings. On several hosts run "
+             "the same command on every host (start-up as launch/train.py); process 0 writes the "
+             "outputs. Default: one device")
+
+
+def start_run(args: argparse.Namespace) -> None:
+    """Checks --mesh and joins a multi-process run (`sdar_jax.distributed`, as launch/train.py);
+    call before any JAX computation.
+
+    Raises:
+      DecodingArgsError: a bad --mesh value or multi-process settings (one line).
+    """
+    from sdar_jax.distributed import DistributedConfigError, initialize_distributed
+
+    if args.mesh is not None:
+        try:
+            parallel.parse_mesh_spec(args.mesh)
+        except parallel.ParallelConfigError as e:
+            raise DecodingArgsError(str(e)) from e
+    try:
+        initialize_distributed()
+    except DistributedConfigError as e:
+        raise DecodingArgsError(f"multi-process start-up: {e}") from e

@@ -62,14 +62,11 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("sdar_jax's lm-eval backend needs lm-eval: pip install -e .[lm-eval] "
                       f"(importing it failed: {e})") from e
 
-import jax
-
-from sdar_jax import convert, parallel
+from sdar_jax import convert, parallel, sharded_restore
 from sdar_jax.decode.cli import add_decoding_args, decode_config_from_args, resolve_stop_ids
 from sdar_jax.decode.decoder import DecodeConfig
 from sdar_jax.data.tokenizer import load_tokenizer
 from sdar_jax.eval import loglikelihood, runner
-from sdar_jax.model import sharding as model_sharding
 
 MODEL_NAME = "sdar_jax"
 GENERATION_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k")
@@ -206,7 +203,18 @@ class SdarJaxLM(TemplateLM):
         del device
         if not os.path.isdir(str(ckpt)):
             raise ModelArgsError(f"ckpt={ckpt!r}: no such directory (expected a params checkpoint)")
-        self.model_config, params = convert.load_params_checkpoint(str(ckpt))
+        # With a mesh the params are restored straight into their shardings, never whole.
+        self.sharding_context = None
+        self.mesh_spec = mesh
+        if mesh is None:
+            self.model_config, params = convert.load_params_checkpoint(str(ckpt))
+        else:
+            pconfig = parse_mesh(mesh)
+            try:
+                setup = sharded_restore.setup_inference(str(ckpt), pconfig)
+            except parallel.ParallelConfigError as e:
+                raise ModelArgsError(f"mesh={mesh!r}: {e}") from e
+            self.model_config, params, self.sharding_context = setup.config, setup.params, setup.context
         self.tokenizer = load_tokenizer(str(tokenizer or ckpt))
         self._tokenizer_dir = os.path.abspath(str(tokenizer or ckpt))
         args = parse_decoding_args(decoding)
@@ -219,16 +227,6 @@ class SdarJaxLM(TemplateLM):
         self.likelihood = loglikelihood.LikelihoodSettings(
             mode=self.decode_config.mode, block_length=self.decode_config.block_length,
             mc_samples=self.mc_samples, batch_size=self.batch_size, seed=self.seed)
-        self.sharding_context = None
-        self.mesh_spec = mesh
-        if mesh is not None:
-            pconfig = parse_mesh(mesh)
-            try:
-                self.sharding_context = parallel.ShardingContext.from_config(pconfig)
-            except parallel.ParallelConfigError as e:
-                raise ModelArgsError(f"mesh={mesh!r}: {e}") from e
-            params = jax.device_put(
-                params, model_sharding.param_shardings(self.model_config, self.sharding_context))
         self.params = params
         self.totals = DecodeTotals()
 

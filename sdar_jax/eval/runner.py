@@ -42,10 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from sdar_jax import parallel
 from sdar_jax.config import ModelConfig
 from sdar_jax.data.tokenizer import Tokenizer
 from sdar_jax.decode import decoder
 from sdar_jax.eval import answers, metrics
+from sdar_jax.sharded_restore import to_host
 
 # JAX's duration events for tracing, lowering and compiling a computation.
 _COMPILE_EVENTS = (
@@ -307,12 +309,17 @@ def decode_plan(params: Any, model_config: ModelConfig, prompt_ids: Sequence[Seq
       on_row: called with ((example, sample), RowOutput) as each row finishes,
         from inside the decoder call. It compiles the decoder anew for each
         call (a host callback is part of the program): pass it for one-off
-        runs, not for sweeps over traced knobs.
+        runs, not for sweeps over traced knobs. On a mesh of several devices
+        (an active sharding context) it is called for each row of a bucket
+        when that bucket's call returns.
 
     Returns:
       ({(example, sample): RowOutput}, DecodeStats).
     """
     outputs: dict[tuple[int, int], RowOutput] = {}
+    # JAX runs ordered host callbacks on one device only: on a mesh, rows are handed to
+    # `on_row` when their decoder call returns.
+    in_loop = parallel.current_context() is None
     wall = compile_s = 0.0
     batch_forwards = 0
     total_rows = sum(len(p.rows) for p in plans)
@@ -323,10 +330,10 @@ def decode_plan(params: Any, model_config: ModelConfig, prompt_ids: Sequence[Seq
             keys = sample_keys(seed, ex_idx, s_idx)
             # A new hook is a new static argument (a new compilation): only when asked for.
             hooks = decoder.Hooks()
-            if on_row is not None:
+            if on_row is not None and in_loop:
                 hooks = decoder.Hooks(on_finish=functools.partial(_rows_finished, plan, on_row, bar))
             start, compiled_before = time.perf_counter(), compiled[0]
-            result = jax.device_get(decoder.generate_many(
+            result = to_host(decoder.generate_many(
                 params, model_config, tokens, lengths, keys, decode_config,
                 num_slots=plan.batch_size, hooks=hooks))
             wall += time.perf_counter() - start
@@ -335,7 +342,9 @@ def decode_plan(params: Any, model_config: ModelConfig, prompt_ids: Sequence[Seq
             for i, row in enumerate(plan.rows):
                 outputs[row] = _row_output(result.tokens[i], result.lengths[i],
                                            result.num_forwards[i], result.num_committed[i])
-            if on_row is None:
+                if on_row is not None and not in_loop:
+                    on_row(row, outputs[row])
+            if on_row is None or not in_loop:
                 bar.update(len(plan.rows))
     stats = DecodeStats(wall_seconds=wall, compile_seconds=compile_s,
                         batch_forwards=batch_forwards, num_batches=len(plans))

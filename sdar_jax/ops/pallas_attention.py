@@ -5,7 +5,7 @@
        A few queries against a cache (q_len != kv_len, q_len * groups <= 64):
        `pallas_decode` (split-K decode kernel, forward only).
   TPU  self-attention (q_len == kv_len): splash attention (`pallas_tpu.splash_attention`),
-       which assumes canonical positions (see `sdar_jax.ops.pallas_tpu`).
+       which refuses non-canonical positions (see `sdar_jax.ops.pallas_tpu`).
        Against a cache: `pallas_tpu.cache_attention` (forward only).
   CPU  the GPU kernels in the Pallas interpreter (for tests; slow).
   A head_dim the compiled kernels cannot tile (TPU: not a multiple of 128; GPU:
@@ -152,8 +152,9 @@ def _dispatch(q, k, v, mask, q_positions, kv_positions, q_segment_ids, kv_segmen
         from sdar_jax.ops import pallas_tpu  # only TPU callers import splash and Mosaic
 
         if q_len == kv_len:
-            return pallas_tpu.splash_attention(q, k, v, mask=mask, segment_ids=q_segment_ids,
-                                               interpret=interpret)
+            return pallas_tpu.splash_attention(
+                q, k, v, mask=mask, positions=q_positions, segment_ids=q_segment_ids,
+                kv_positions=kv_positions, kv_segment_ids=kv_segment_ids, interpret=interpret)
         return pallas_decode.decode_attention(q, k, v, **kw, backend="tpu", block_k=decode_block_k,
                                               interpret=interpret)
     if q_len != kv_len and q_len * groups <= pallas_decode.MAX_DECODE_ROWS and mask.kind != "block_diffusion":

@@ -9,6 +9,17 @@ this path requires canonical positions: within each half of the row (the whole
 row for the AR kinds) every packed example starts on a block boundary and its
 positions count 0, 1, 2, ... from its start. The data pipeline's packed rows
 satisfy this (see the batch contract); segment ids carry the packing.
+Exactly: for every segment id, position minus canonical index (the index
+within its half for block_diffusion) must be one offset for all of the
+segment's queries and keys, a multiple of the block size for the block kinds
+(any offset for causal; bidirectional ignores positions). Then the index mask
+equals `masks.mask_fn` on the runtime positions. Other positions are refused
+rather than silently given another mask than the XLA and GPU paths
+(`PositionsError`): with concrete positions before any kernel runs; under
+`jit` (or `shard_map`) the same check runs on the device and a host callback,
+taken only when a row fails it, raises `PositionsError` from the running
+computation (surfacing as a `JaxRuntimeError` that carries the message; the
+kernel itself may already have run, its results are never returned).
 
 Attention against a KV cache (q_len != kv_len, queries at arbitrary absolute
 positions per row) uses `cache_attention`, an own Pallas TPU kernel that
@@ -74,6 +85,78 @@ class IndexMask(splash_mask._ComputableMask):  # noqa: SLF001 - the documented e
         return hash((IndexMask, self.spec, self.shape, self.noisy_len))
 
 
+class PositionsError(ValueError):
+    """Positions or segment ids on which the splash index mask is not `mask_fn`."""
+
+
+def canonical_rows(spec: masks.MaskSpec, q_positions, kv_positions, q_segment_ids, kv_segment_ids
+                   ) -> jnp.ndarray:
+    """[batch] bool: rows whose splash index mask equals `masks.mask_fn` on their positions.
+
+    Args:
+      spec: the mask; q_positions, q_segment_ids: [batch, length] int;
+      kv_positions, kv_segment_ids: [batch, length] int (self-attention).
+
+    Within every segment id the offset position - canonical index must be one
+    value over the segment's queries and keys (a stable sort by segment id
+    puts each segment's offsets side by side), and a multiple of the block
+    size for the block kinds.
+    """
+    batch, length = q_positions.shape
+    if spec.kind == "bidirectional":
+        return jnp.ones((batch,), bool)
+    index = jnp.arange(length, dtype=jnp.int32)
+    if spec.kind == "block_diffusion":
+        index = index - (length // 2) * (index >= length // 2)
+    offsets = jnp.concatenate([q_positions - index, kv_positions - index], axis=1).astype(jnp.int32)
+    segments = jnp.concatenate([q_segment_ids, kv_segment_ids], axis=1).astype(jnp.int32)
+    order = jnp.argsort(segments, axis=1, stable=True)
+    segments = jnp.take_along_axis(segments, order, axis=1)
+    offsets = jnp.take_along_axis(offsets, order, axis=1)
+    same = segments[:, 1:] == segments[:, :-1]
+    ok = jnp.all(~same | (offsets[:, 1:] == offsets[:, :-1]), axis=1)
+    if spec.kind != "causal":
+        ok &= jnp.all(offsets % spec.block_size == 0, axis=1)
+    return ok
+
+
+def _positions_message(spec: masks.MaskSpec, ok: np.ndarray, where: str) -> str:
+    bad = np.flatnonzero(~np.asarray(ok))
+    half = " within its half" if spec.kind == "block_diffusion" else ""
+    return (
+        f"splash_attention: rows {bad[:8].tolist()} of {where} have positions the TPU kernel "
+        f"cannot honour for the {spec.kind} mask (block {spec.block_size}): it computes the mask "
+        f"from row indices, so each segment's positions must be its indices{half} minus one "
+        f"offset{' that is a multiple of the block size' if spec.kind != 'causal' else ''} "
+        "(e.g. every packed example restarting at 0 on a block boundary, row padding included); "
+        "use attention_impl='xla' for other positions"
+    )
+
+
+def _raise_positions_error(spec: masks.MaskSpec, ok: np.ndarray) -> None:
+    raise PositionsError(_positions_message(spec, ok, "this device's batch"))
+
+
+def check_positions(spec: masks.MaskSpec, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+                    *, interpret: bool) -> None:
+    """Refuses positions the index mask would not honour (see the module docstring).
+
+    Concrete arrays are checked now (raises PositionsError); traced ones on the
+    device, with a host callback that raises only when a row fails. A host
+    callback needs the backend the program runs on, so a compiled TPU kernel
+    traced on another backend (ahead-of-time lowering for a TPU target) gets
+    no run-time check; it cannot run there anyway.
+    """
+    ok = canonical_rows(spec, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+    if not isinstance(ok, jax.core.Tracer):  # outside any trace: concrete values
+        if not np.all(np.asarray(ok)):
+            raise PositionsError(_positions_message(spec, ok, "the batch"))
+        return
+    if interpret or jax.default_backend() == "tpu":
+        jax.lax.cond(jnp.all(ok), lambda: None,
+                     lambda: jax.debug.callback(functools.partial(_raise_positions_error, spec), ok))
+
+
 @dataclasses.dataclass(frozen=True)
 class SplashBlocks:
     """Splash tile sizes (multiples of 128 on hardware; segment ids need block_kv % 128 == 0)."""
@@ -106,7 +189,10 @@ def splash_attention(
     v: jnp.ndarray,
     *,
     mask: masks.MaskSpec,
+    positions: jnp.ndarray,
     segment_ids: jnp.ndarray | None = None,
+    kv_positions: jnp.ndarray | None = None,
+    kv_segment_ids: jnp.ndarray | None = None,
     blocks: SplashBlocks = SplashBlocks(),
     interpret: bool = False,
 ) -> jnp.ndarray:
@@ -114,8 +200,11 @@ def splash_attention(
 
     Args:
       q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim].
-      mask: the mask description; positions must be canonical (module docstring).
+      mask: the mask description.
+      positions: [batch, seq] int32 position ids; must be canonical (module
+        docstring), else PositionsError.
       segment_ids: [batch, seq] int32 packing segments, or None.
+      kv_positions, kv_segment_ids: the keys' (None: the same as the queries').
       blocks: tile sizes.
       interpret: run in the Pallas interpreter (CPU tests).
 
@@ -125,11 +214,14 @@ def splash_attention(
     batch, length, heads, head_dim = q.shape
     if k.shape[1] != length:
         raise ValueError(f"splash_attention is self-attention: q_len {length} != kv_len {k.shape[1]}")
+    segments = tiles.default_segments(segment_ids, positions)
+    kv_segments = segments if kv_segment_ids is None else tiles.default_segments(kv_segment_ids, positions)
+    check_positions(mask, positions, positions if kv_positions is None else kv_positions, segments,
+                    kv_segments, interpret=interpret)
     tile = max(blocks.block_q, blocks.block_kv, blocks.block_q_bwd, blocks.block_kv_bwd)
     padded = tiles.round_up(length, min(tile, tiles.round_up(length, LANES)))
-    segments = tiles.default_segments(segment_ids, q[..., 0, 0])
     q_seg = tiles.pad_axis(segments, 1, padded, tiles.PAD_Q_SEGMENT)
-    kv_seg = tiles.pad_axis(segments, 1, padded, tiles.PAD_KV_SEGMENT)
+    kv_seg = tiles.pad_axis(kv_segments, 1, padded, tiles.PAD_KV_SEGMENT)
     kernel = _splash_kernel(mask, padded, length // 2, heads, blocks, interpret)
 
     def heads_first(x):  # [batch, seq, h, d] -> [batch, h, padded, d]

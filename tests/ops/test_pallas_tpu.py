@@ -24,7 +24,8 @@ def test_splash_matches_reference(mask, length, heads, kv_heads):
     row = kw["q_positions"].shape[1]
     q, k, v, dout = cases.qkv(row, 2, row, row, heads, kv_heads, 32, jnp.float32)
     got = cases.output_and_grads(
-        lambda q, k, v: pallas_tpu.splash_attention(q, k, v, mask=mask, segment_ids=kw["q_segment_ids"],
+        lambda q, k, v: pallas_tpu.splash_attention(q, k, v, mask=mask, positions=kw["q_positions"],
+                                                    segment_ids=kw["q_segment_ids"],
                                                     blocks=BLOCKS, interpret=True), q, k, v, dout)
     errors = cases.max_errors(got, cases.reference(q, k, v, dout, kw))
     assert max(errors) < 1e-5, dict(zip(("out", "dq", "dk", "dv"), errors))
