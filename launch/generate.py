@@ -22,9 +22,9 @@ end the file is rewritten in input order. `--output` is checked for
 writability before anything is loaded. A single prompt streams its text
 block by block to stdout; every run ends with a summary line (TPF and
 tokens/s). Compilations go to JAX's persistent cache (`--compilation-cache`),
-which skips programs with host callbacks (the streaming and `--output` paths
-use one). Bad input exits with status 2 and a one-line message naming the
-value.
+so a second run on the same shapes compiles nothing (streaming and `--output`
+included: they run between the decoder's chunks, not inside its programs).
+Bad input exits with status 2 and a one-line message naming the value.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def _bucket(length: int) -> int:
 
 
 class _Streamer:
-    """Prints a single sequence's new text after each block (host callback)."""
+    """Prints a single sequence's new text after each block (a decoder hook)."""
 
     def __init__(self, tokenizer, prompt_length: int, max_new_tokens: int, stop_ids):
         self.tokenizer, self.prompt_length, self.max_new = tokenizer, prompt_length, max_new_tokens
@@ -170,8 +170,8 @@ class _Streamer:
 
 
 class _Records:
-    """Output records per prompt; `on_finish` (a host callback from the decoding
-    loop) appends each to the output stream as soon as it is produced."""
+    """Output records per prompt; `on_finish` (a decoder hook, run as sequences
+    finish) appends each to the output stream as soon as it is produced."""
 
     def __init__(self, items, tokenizer, stop_ids, stream):
         self.items, self.tokenizer, self.stop_ids = items, tokenizer, set(stop_ids)

@@ -305,9 +305,9 @@ def decode_plan(params: Any, model_config: ModelConfig, prompt_ids: Sequence[Seq
       progress: show a tqdm bar over rows (advanced as rows finish with
         `on_row`, else per bucket).
       on_row: called with ((example, sample), RowOutput) as each row finishes,
-        from inside the decoder call. It compiles the decoder anew for each
-        call (a host callback is part of the program): pass it for one-off
-        runs, not for sweeps over traced knobs.
+        between the decoder's chunks (the same compiled programs as without
+        it; the loop returns to the host after each forward that finished a
+        row).
 
     Returns:
       ({(example, sample): RowOutput}, DecodeStats).
@@ -321,7 +321,6 @@ def decode_plan(params: Any, model_config: ModelConfig, prompt_ids: Sequence[Seq
         for plan in plans:
             tokens, lengths, ex_idx, s_idx = _batch_arrays(plan, prompt_ids, pad_id)
             keys = sample_keys(seed, ex_idx, s_idx)
-            # A new hook is a new static argument (a new compilation): only when asked for.
             hooks = decoder.Hooks()
             if on_row is not None:
                 hooks = decoder.Hooks(on_finish=functools.partial(_rows_finished, plan, on_row, bar))
