@@ -416,6 +416,9 @@ def generate_many(
     else:
         pause = _RUN_TO_END
     state = _start(*inputs, config=config, static=static)
+    # Committed like the states `_resume` returns, so the first resume is not a
+    # compilation of its own (uncommitted inputs lower to another program).
+    state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
     while True:
         state, report = _resume(*inputs, state, jnp.int32(pause), config=config, static=static)
         if pause == _RUN_TO_END:
