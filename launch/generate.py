@@ -14,7 +14,7 @@ holds one JSON object per line with `prompt` (text) or `prompt_ids` (a list
 of token ids); each output line holds `index` (the prompt's line),
 `completion`, `completion_ids`, `num_forwards` and `tokens_per_forward`.
 
-All prompts decode in one jitted call with continuous batching over
+All prompts decode in one jitted loop with continuous batching over
 `--batch-size` slots: when a sequence finishes, the next prompt takes its
 slot (no recompilation). Each result is appended to `--output` (flushed) as
 soon as it is produced, so a failure later loses no finished work; at the

@@ -355,7 +355,7 @@ def generate(
         sampled sequence does not depend on its batch mates). Unused when
         greedy.
       decode_config: the decoding knobs.
-      stream: optional host callback, see `Hooks.stream`.
+      stream: optional host function, see `Hooks.stream`.
 
     Returns:
       DecodeResult.
