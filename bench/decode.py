@@ -38,10 +38,11 @@ is the AR model, `sdar` the one adapted at B=4, `sdar_b8` if present the
 one adapted at B=8, else B=8 decodes the B=4 model). The demo's held-out
 problems are the prompts (chat template, the tokenizer's stop ids), and
 `--num-prompts` defaults to all of them; with random weights it defaults
-to the batch size and nothing stops early. `--logit-scale S` multiplies the
-random head's weights by S, so that the random model is confident enough for
-the dynamic threshold to commit several positions per forward on some rows
-(rows then need different forward counts, as a trained model's do).
+to the batch size. `--random-stop-ids K` makes K random vocabulary ids stop
+ids, so that rows end at mixed lengths (nothing stops early otherwise).
+`--logit-scale S` multiplies the random head's weights by S, to make the
+random model more confident (on `tiny` at threshold 0.9 a factor of 20 left
+the row TPF at 1.00).
 `--fused-forwards` lists the layouts of the fused [previous ; block] forward
 to compare (see `DecodeConfig.fused_forward`).
 """
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how a prompt list longer than the batch is decoded")
     parser.add_argument("--logit-scale", type=float, default=1.0,
                         help="random weights: multiply the head's weights by this")
+    parser.add_argument("--random-stop-ids", type=int, default=0,
+                        help="random weights: this many vocabulary ids (drawn with --seed) "
+                             "act as stop ids, so rows end at mixed lengths")
     parser.add_argument("--fused-forwards", type=_names, default=["when_needed"])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per row (best is kept)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -156,9 +160,13 @@ class _Models:
             params[head][leaf] = params[head][leaf] * args.logit_scale
             self.ar = self.sdar4 = self.sdar8 = (config, params)
             self.name = (f"random {args.preset} ({config.num_params / 1e6:.1f}M params, "
-                         f"{args.dtype}, head x{args.logit_scale:g})")
+                         f"{args.dtype}, head x{args.logit_scale:g}, "
+                         f"{args.random_stop_ids} random stop ids)")
             self.max_new = args.max_new_tokens or 128
             self.prompts = None
+            draw = np.random.default_rng(args.seed + 1)
+            self.stop_ids = tuple(sorted(draw.choice(np.arange(2, config.vocab_size - 1),
+                                                     args.random_stop_ids, replace=False).tolist()))
             return
         from sdar_jax import convert
         from sdar_jax.data import tasks
