@@ -454,6 +454,8 @@ def _resume(params, prompt_tokens, prompt_lengths, keys, knobs, state, pause, *,
     program = _program(params, prompt_tokens, prompt_lengths, keys, knobs, config, static)
     state, report = _run_queue(state, program, static, knobs["stop_ids"], prompt_tokens.shape[0],
                                pause)
+    # Replicated: every process of a multi-host mesh reads the whole (small) report.
+    report = jax.tree.map(lambda x: parallel.constrain(x, (None,) * x.ndim, where="report"), report)
     return _pin(state), report
 
 
