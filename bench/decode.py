@@ -2,12 +2,18 @@
 
   python bench/decode.py [--demo-dir DIR] [--batch-sizes 1,8,64,256] [--block-lengths 4,8]
       [--threshold 0.9] [--num-prompts N] [--prompt-length 32] [--max-new-tokens 128]
-      [--fused-forwards when_needed,always] [--repeats 2] [--preset bench-100m|tiny|...]
-      [--dtype float32|bfloat16] [--small]
+      [--schedules plain,continuous] [--fused-forwards when_needed,always] [--repeats 2]
+      [--preset bench-100m|tiny|...] [--logit-scale S] [--dtype float32|bfloat16] [--small]
 
-For every batch size (slots of continuous batching, `generate_many`), AR
-decoding and SDAR decoding (low_confidence_dynamic at `--threshold`, steps =
-B) at each block length, from the same prompts:
+For every batch size, AR decoding and SDAR decoding (low_confidence_dynamic
+at `--threshold`, steps = B) at each block length, from the same prompts,
+under each schedule of the prompt list (when it holds more prompts than the
+batch size; otherwise the two are the same and one row is printed):
+
+  plain         consecutive batches of `batch` prompts, one decoder call each
+                (a batch ends when its slowest row does)
+  continuous    one `generate_many` call with `batch` slots: a finished row's
+                slot takes the next prompt
 
   tokens/s      generated tokens (up to each row's stop id) / decode seconds,
                 compilation excluded (best of `--repeats` timed runs)
@@ -18,7 +24,11 @@ B) at each block length, from the same prompts:
                 maximum of the rows' steps; the decoder before per-row
                 progress), same tokens
   batch TPF     generated tokens / (batch forwards x batch)
-  vs AR         tokens/s ratio against the AR row of the same batch size
+  slot use      forwards the rows needed / (batch forwards x batch): the rest
+                are forwards run for slots whose row had finished (or, in a
+                batch's last chunk, that hold no prompt)
+  vs AR         tokens/s ratio against the AR row of the same batch size and
+                schedule
 
 Models: random weights by default (a ~100M-parameter Qwen3-shaped SDAR
 config; its confidences are low, so TPF stays near 1), or the demo's
@@ -28,9 +38,13 @@ is the AR model, `sdar` the one adapted at B=4, `sdar_b8` if present the
 one adapted at B=8, else B=8 decodes the B=4 model). The demo's held-out
 problems are the prompts (chat template, the tokenizer's stop ids), and
 `--num-prompts` defaults to all of them; with random weights it defaults
-to the batch size and nothing stops early. `--fused-forwards` lists the
-layouts of the fused [previous ; block] forward to compare (see
-`DecodeConfig.fused_forward`).
+to the batch size. `--random-stop-ids K` makes K random vocabulary ids stop
+ids, so that rows end at mixed lengths (nothing stops early otherwise).
+`--logit-scale S` multiplies the random head's weights by S, to make the
+random model more confident (on `tiny` at threshold 0.9 a factor of 20 left
+the row TPF at 1.00).
+`--fused-forwards` lists the layouts of the fused [previous ; block] forward
+to compare (see `DecodeConfig.fused_forward`).
 """
 
 from __future__ import annotations
@@ -81,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-length", type=int, default=32, help="random prompts' length")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="default: 128, or the demo's max_new_tokens")
+    parser.add_argument("--schedules", type=_names, default=["plain", "continuous"],
+                        help="how a prompt list longer than the batch is decoded")
+    parser.add_argument("--logit-scale", type=float, default=1.0,
+                        help="random weights: multiply the head's weights by this")
+    parser.add_argument("--random-stop-ids", type=int, default=0,
+                        help="random weights: this many vocabulary ids (drawn with --seed) "
+                             "act as stop ids, so rows end at mixed lengths")
     parser.add_argument("--fused-forwards", type=_names, default=["when_needed"])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per row (best is kept)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -109,6 +130,22 @@ def _lock_step_forwards(steps_per_block: np.ndarray, slots: int) -> int:
     return total
 
 
+def _decode(schedule: str, params, config, tokens, lengths, keys, dc, batch: int) -> dict:
+    """Decodes every prompt under `schedule`; returns the results' arrays (host copies)
+    and batch_forwards summed over the calls."""
+    if schedule == "continuous":
+        out = jax.device_get(generate_many(params, config, tokens, lengths, keys, dc,
+                                           num_slots=batch))
+        return dict(out._asdict())
+    parts = [jax.device_get(generate_many(params, config, tokens[i:i + batch],
+                                          lengths[i:i + batch], keys[i:i + batch], dc))
+             for i in range(0, tokens.shape[0], batch)]
+    out = {name: np.concatenate([getattr(p, name) for p in parts])
+           for name in ("lengths", "num_forwards", "tokens_per_forward", "steps_per_block")}
+    out["batch_forwards"] = sum(int(p.batch_forwards) for p in parts)
+    return out
+
+
 class _Models:
     """The models to decode with: AR and SDAR per block length, and the prompts."""
 
@@ -118,10 +155,18 @@ class _Models:
             config = BENCH_100M if args.preset == "bench-100m" else get_preset(args.preset)
             config = config.replace(dtype=args.dtype, param_dtype=args.dtype)
             params = transformer.init_params(config, jax.random.key(args.seed))
+            head = "embed_tokens" if config.tie_word_embeddings else "lm_head"
+            leaf = "embedding" if config.tie_word_embeddings else "kernel"
+            params[head][leaf] = params[head][leaf] * args.logit_scale
             self.ar = self.sdar4 = self.sdar8 = (config, params)
-            self.name = f"random {args.preset} ({config.num_params / 1e6:.1f}M params, {args.dtype})"
+            self.name = (f"random {args.preset} ({config.num_params / 1e6:.1f}M params, "
+                         f"{args.dtype}, head x{args.logit_scale:g}, "
+                         f"{args.random_stop_ids} random stop ids)")
             self.max_new = args.max_new_tokens or 128
             self.prompts = None
+            draw = np.random.default_rng(args.seed + 1)
+            self.stop_ids = tuple(sorted(draw.choice(np.arange(2, config.vocab_size - 1),
+                                                     args.random_stop_ids, replace=False).tolist()))
             return
         from sdar_jax import convert
         from sdar_jax.data import tasks
@@ -181,25 +226,29 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
             tokens[i, :len(p)] = p
         lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
         tokens = jnp.asarray(tokens)
-        ar_rate = None
-        for name, (config, params), dc in runs:
-            cpu = time.process_time()
-            seconds, out = _time(lambda: generate_many(params, config, tokens, lengths,
-                                                       jax.random.key(0), dc, num_slots=batch),
-                                 args.repeats)
-            generated = int(out.lengths.sum())
-            rate = generated / seconds
-            ar_rate = rate if dc.mode == "ar" else ar_rate
-            batch_forwards = int(out.batch_forwards)
-            lock_step = (None if dc.mode == "ar"
-                         else _lock_step_forwards(np.asarray(out.steps_per_block), batch))
-            rows.append(dict(
-                batch=batch, prompts=n, run=name, tokens_per_s=rate,
-                row_tpf=float(out.tokens_per_forward.mean()), batch_forwards=batch_forwards,
-                lock_step_forwards=lock_step,
-                max_row_forwards=int(out.num_forwards.max()),
-                batch_tpf=generated / (batch_forwards * min(batch, n)), ratio=rate / ar_rate,
-                cpu_seconds=time.process_time() - cpu))
+        keys = jax.random.split(jax.random.key(0), n)
+        schedules = args.schedules if n > batch else args.schedules[:1]
+        for schedule in schedules:
+            ar_rate = None
+            for name, (config, params), dc in runs:
+                cpu = time.process_time()
+                seconds, out = _time(lambda: _decode(schedule, params, config, tokens, lengths,
+                                                     keys, dc, batch), args.repeats)
+                generated = int(out["lengths"].sum())
+                rate = generated / seconds
+                ar_rate = rate if dc.mode == "ar" else ar_rate
+                batch_forwards = int(out["batch_forwards"])
+                slots = min(batch, n)
+                lock_step = (None if dc.mode == "ar"
+                             else _lock_step_forwards(np.asarray(out["steps_per_block"]), batch))
+                rows.append(dict(
+                    batch=batch, prompts=n, schedule=schedule if n > batch else "-", run=name,
+                    tokens_per_s=rate, row_tpf=float(out["tokens_per_forward"].mean()),
+                    batch_forwards=batch_forwards, lock_step_forwards=lock_step,
+                    max_row_forwards=int(out["num_forwards"].max()),
+                    batch_tpf=generated / (batch_forwards * slots),
+                    slot_use=int(out["num_forwards"].sum()) / (batch_forwards * slots),
+                    ratio=rate / ar_rate, cpu_seconds=time.process_time() - cpu))
     return models.name, rows
 
 
@@ -208,14 +257,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     name, rows = run(args)
     print(f"# {name}, {rows[0]['prompts'] if rows else 0}+ prompts, device "
           f"{jax.devices()[0].device_kind}; tokens/s exclude compilation")
-    print("| batch | prompts | run | tokens/s | row TPF | batch fwd | lock-step fwd | "
-          "max row fwd | batch TPF | vs AR | CPU s (all runs of the row) |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch | prompts | schedule | run | tokens/s | row TPF | batch fwd | lock-step fwd | "
+          "max row fwd | batch TPF | slot use | vs AR | CPU s (all runs of the row) |")
+    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         lock = "" if r["lock_step_forwards"] is None else str(r["lock_step_forwards"])
-        print(f"| {r['batch']} | {r['prompts']} | {r['run']} | {r['tokens_per_s']:.1f} | "
-              f"{r['row_tpf']:.2f} | {r['batch_forwards']} | {lock} | {r['max_row_forwards']} | "
-              f"{r['batch_tpf']:.2f} | {r['ratio']:.2f}x | {r['cpu_seconds']:.1f} |")
+        print(f"| {r['batch']} | {r['prompts']} | {r['schedule']} | {r['run']} | "
+              f"{r['tokens_per_s']:.1f} | {r['row_tpf']:.2f} | {r['batch_forwards']} | {lock} | "
+              f"{r['max_row_forwards']} | {r['batch_tpf']:.2f} | {100 * r['slot_use']:.0f} % | "
+              f"{r['ratio']:.2f}x | {r['cpu_seconds']:.1f} |")
     return 0
 
 

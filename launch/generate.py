@@ -14,7 +14,7 @@ holds one JSON object per line with `prompt` (text) or `prompt_ids` (a list
 of token ids); each output line holds `index` (the prompt's line),
 `completion`, `completion_ids`, `num_forwards` and `tokens_per_forward`.
 
-All prompts decode in one jitted call with continuous batching over
+All prompts decode in one jitted loop with continuous batching over
 `--batch-size` slots: when a sequence finishes, the next prompt takes its
 slot (no recompilation). Each result is appended to `--output` (flushed) as
 soon as it is produced, so a failure later loses no finished work; at the
@@ -22,17 +22,15 @@ end the file is rewritten in input order. `--output` is checked for
 writability before anything is loaded. A single prompt streams its text
 block by block to stdout; every run ends with a summary line (TPF and
 tokens/s). Compilations go to JAX's persistent cache (`--compilation-cache`),
-which skips programs with host callbacks (the streaming and `--output` paths
-use one). Bad input exits with status 2 and a one-line message naming the
-value.
+so a second run on the same shapes compiles nothing (streaming and `--output`
+included: they run between the decoder's chunks, not inside its programs).
+Bad input exits with status 2 and a one-line message naming the value.
 
 `--mesh fsdp=4,tensor=2` decodes on a device mesh (axes as in the train
 config, `-1` for the devices left over), the params restored straight into
-their shardings. On a mesh there is no block-by-block streaming and
-`--output` is written when the decoding call returns (JAX runs the decoder's
-ordered host callbacks on one device only). On several hosts run the same
-command on every host (multi-host start-up as `launch/train.py`); every
-process decodes every prompt and process 0 prints and writes the results.
+their shardings. On several hosts run the same command on every host
+(multi-host start-up as `launch/train.py`); every process decodes every
+prompt and process 0 streams, prints and writes the results.
 """
 
 from __future__ import annotations
@@ -151,7 +149,7 @@ def _bucket(length: int) -> int:
 
 
 class _Streamer:
-    """Prints a single sequence's new text after each block (host callback)."""
+    """Prints a single sequence's new text after each block (a decoder hook)."""
 
     def __init__(self, tokenizer, prompt_length: int, max_new_tokens: int, stop_ids):
         self.tokenizer, self.prompt_length, self.max_new = tokenizer, prompt_length, max_new_tokens
@@ -179,8 +177,8 @@ class _Streamer:
 
 
 class _Records:
-    """Output records per prompt; `on_finish` (a host callback from the decoding
-    loop) appends each to the output stream as soon as it is produced."""
+    """Output records per prompt; `on_finish` (a decoder hook, run as sequences
+    finish) appends each to the output stream as soon as it is produced."""
 
     def __init__(self, items, tokenizer, stop_ids, stream):
         self.items, self.tokenizer, self.stop_ids = items, tokenizer, set(stop_ids)
@@ -237,9 +235,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(f"--ckpt {args.ckpt!r}: {e}") from e
     config = model.config
-    # JAX runs the decoder's ordered host callbacks on one device only: on a larger mesh there
-    # is no block-by-block streaming and results are written when the decoding call returns.
-    in_loop = model.context is None or model.context.mesh.size == 1
     tokenizer = _load_tokenizer(args, needed=any("prompt" in item for item in items))
     prompts = _encode(items, tokenizer, args.chat, config.vocab_size)
     try:
@@ -257,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
             f"model's {config.max_position_embeddings} positions (max_position_embeddings)"
         )
     stream = None
-    if len(prompts) == 1 and tokenizer is not None and args.output is None and in_loop:
+    if len(prompts) == 1 and tokenizer is not None and args.output is None and writer:
         stream = _Streamer(tokenizer, len(prompts[0]), dc.max_new_tokens, dc.stop_ids)
 
     width = min(_bucket(longest), max_prompt)
@@ -273,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         out = sharded_restore.to_host(generate_many(
             model.params, config, tokens, np.asarray([len(p) for p in prompts], np.int32),
             keys, dc, num_slots=args.batch_size,
-            hooks=Hooks(stream=stream, on_finish=records.on_finish if output and in_loop else None),
+            hooks=Hooks(stream=stream, on_finish=records.on_finish if output else None),
         ))
     elapsed = time.perf_counter() - start_time
     if not writer:

@@ -1,11 +1,15 @@
-"""Block-diffusion and autoregressive decoding in one jitted function (spec §3).
+"""Block-diffusion and autoregressive decoding in one jitted loop (spec §3).
 
 `generate` decodes a batch of prompts; `generate_many` decodes a list of
 prompts through a fixed number of batch rows ("slots") with continuous
 batching. Both run one `lax.while_loop` in which every iteration is one
 model forward for the whole batch, against a static KV cache
 `[layers, slots, max_len, kv_heads, head_dim]`; nothing is dispatched from
-Python per block, step or prompt.
+Python per block, step or prompt. The compiled programs hold no host
+callbacks (so JAX's persistent compilation cache stores them): host hooks
+(streaming, writing results as they finish) run between chunks of the loop,
+which hands its state back to the host and resumes it in the same
+executable (`generate_many`).
 
 Diffusion mode (SDAR checkpoints), per slot holding a prompt of length P:
   * the prompt's whole blocks (positions < (P // B) * B) are prefilled with
@@ -280,19 +284,21 @@ def _row_keys(rng: jax.Array, batch: int) -> jax.Array:
 
 
 class Hooks(NamedTuple):
-    """Host callbacks run from inside the jitted loop (static: pass the same
-    functions to reuse the compilation).
+    """Host functions the decoder calls between its jitted chunks (see
+    `generate_many`). They are not part of any compiled program: any hooks, or
+    none, run the same executables, which JAX's persistent cache can store.
 
     stream: `stream(block_index, block_tokens, block_start, done)` after every
-      forward, with [slots] block indices, [slots, B] tokens of each slot's
-      current block, [slots] start positions and [slots] bool slots whose
-      block was completed by this forward (AR: the token index, [slots, 1]
-      tokens, their positions, the slots that produced one).
+      forward that completed a block in some slot, with [slots] block indices,
+      [slots, B] tokens of each slot's block, [slots] start positions and
+      [slots] bool the slots whose block this forward completed (only those
+      entries are meaningful; AR: the token index, [slots, 1] tokens, their
+      positions, the slots that produced one).
     on_finish: `on_finish(items, finished, tokens, lengths, num_forwards,
-      num_committed)` whenever sequences finish: [slots] prompt indices,
-      [slots] bool the slots that finished (only those entries are
-      meaningful), [slots, max_new_tokens] tokens (cut as in DecodeResult),
-      [slots] lengths and counters.
+      num_committed)` after every forward that finished sequences: [slots]
+      prompt indices, [slots] bool the slots that finished (only those entries
+      are meaningful), [slots, max_new_tokens] tokens (cut as in DecodeResult),
+      [slots] lengths and counters. All arguments are NumPy arrays.
     """
 
     stream: Callable[..., None] | None = None
@@ -349,7 +355,7 @@ def generate(
         sampled sequence does not depend on its batch mates). Unused when
         greedy.
       decode_config: the decoding knobs.
-      stream: optional host callback, see `Hooks.stream`.
+      stream: optional host function, see `Hooks.stream`.
 
     Returns:
       DecodeResult.
@@ -368,12 +374,18 @@ def generate_many(
     num_slots: int | None = None,
     hooks: Hooks = Hooks(),
 ) -> DecodeResult:
-    """Decodes a list of prompts with continuous batching, in one jitted call.
+    """Decodes a list of prompts with continuous batching.
 
     The batch has `num_slots` rows. The first prompts fill them; whenever a
     row's sequence finishes (stop id or budget), the next waiting prompt is
     prefilled into that row and decoded while the others go on. Results are
     per prompt, in input order, each equal to decoding that prompt alone.
+
+    Without hooks the whole list decodes in one call of the jitted loop. With
+    hooks the loop returns its state to the host after each forward that
+    finished a sequence (`on_finish`) or completed a block (`stream`); the host
+    calls the hooks and resumes the same executable with that state (donated,
+    so the cache is not copied). Tokens do not depend on where the loop paused.
 
     Args:
       params, config: the model.
@@ -382,7 +394,7 @@ def generate_many(
       rng: one PRNG key (split per prompt) or [num_prompts] keys.
       decode_config: the decoding knobs.
       num_slots: batch rows (default and at most: num_prompts). Static.
-      hooks: host callbacks (see `Hooks`).
+      hooks: host functions called between chunks (see `Hooks`).
 
     Returns:
       DecodeResult over the prompts ([num_prompts, ...]); batch_forwards
@@ -396,17 +408,83 @@ def generate_many(
         raise ValueError(f"num_slots must be an int >= 1, got {num_slots!r}")
     static, knobs = _split(decode_config, int(num_slots))
     keys = _row_keys(rng, num_items)
-    return _generate(params, prompt_tokens, prompt_lengths, keys, knobs,
-                     config=config, static=static, hooks=hooks)
+    inputs = (params, prompt_tokens, prompt_lengths, keys, knobs)
+    if hooks.stream is not None:
+        pause = _PAUSE_ON_BLOCK
+    elif hooks.on_finish is not None:
+        pause = _PAUSE_ON_FINISH
+    else:
+        pause = _RUN_TO_END
+    state = _start(*inputs, config=config, static=static)
+    # Committed like the states `_resume` returns, so the first resume is not a
+    # compilation of its own (uncommitted inputs lower to another program).
+    state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
+    while True:
+        state, report = _resume(*inputs, state, jnp.int32(pause), config=config, static=static)
+        if pause == _RUN_TO_END:
+            break
+        report = jax.device_get(report)
+        _call_hooks(hooks, report)
+        if report.all_done:
+            break
+    return _results(state.outputs, prompt_lengths, state.batch_forwards, knobs["stop_ids"],
+                    static=static)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "static", "hooks"))
-def _generate(params, prompt_tokens, prompt_lengths, keys, knobs, *, config, static, hooks):
-    if static.mode == "ar":
-        return _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, static, hooks)
-    return _generate_diffusion(
-        params, prompt_tokens, prompt_lengths, keys, knobs, config, static, hooks
-    )
+# What makes the jitted loop hand its state back to the host (a traced value:
+# every mode runs the same executable).
+_RUN_TO_END, _PAUSE_ON_FINISH, _PAUSE_ON_BLOCK = 0, 1, 2
+
+
+def _program(params, prompt_tokens, prompt_lengths, keys, knobs, config, static) -> _Program:
+    build = _ar_program if static.mode == "ar" else _diffusion_program
+    return build(params, prompt_tokens, prompt_lengths, keys, knobs, config, static)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "static"))
+def _start(params, prompt_tokens, prompt_lengths, keys, knobs, *, config, static):
+    """The loop state with the first prompts in the slots (prefilled by `_resume`)."""
+    return _pin(_program(params, prompt_tokens, prompt_lengths, keys, knobs, config, static).init())
+
+
+@functools.partial(jax.jit, static_argnames=("config", "static"), donate_argnames=("state",))
+def _resume(params, prompt_tokens, prompt_lengths, keys, knobs, state, pause, *, config, static):
+    """Runs the loop from `state` until the queue is done or `pause` asks to stop;
+    returns (state, _Report of the last forward)."""
+    program = _program(params, prompt_tokens, prompt_lengths, keys, knobs, config, static)
+    state, report = _run_queue(state, program, static, knobs["stop_ids"], prompt_tokens.shape[0],
+                               pause)
+    # Replicated: every process of a multi-host mesh reads the whole (small) report.
+    report = jax.tree.map(lambda x: parallel.constrain(x, (None,) * x.ndim, where="report"), report)
+    return _pin(state), report
+
+
+def _pin(state):
+    """Pins a loop state's per-slot leaves ([slots, ...]) to the rules' batch sharding and
+    its cache to the cache's, so that `_start` and `_resume` return states laid out
+    alike under a mesh: resuming never recompiles for a new input layout."""
+    per_slot = jax.tree.map(
+        lambda x: x if x.ndim == 0 else parallel.constrain(
+            x, ("batch",) + (None,) * (x.ndim - 1), where="decoder state"),
+        state.replace(cache=None, outputs=None))
+    return per_slot.replace(cache=parallel.constrain_cache(state.cache), outputs=state.outputs)
+
+
+@functools.partial(jax.jit, static_argnames=("static",))
+def _results(outputs, prompt_lengths, batch_forwards, stop_ids, *, static) -> DecodeResult:
+    """The DecodeResult of the finished queue."""
+    return _finish(outputs.canvas, prompt_lengths, outputs.forwards, outputs.committed,
+                   outputs.steps_per_block, batch_forwards, static, stop_ids)
+
+
+def _call_hooks(hooks: Hooks, report: _Report) -> None:
+    """Hands the host copy of a chunk's last forward to the hooks."""
+    block, rows = report.block, report.finished
+    if hooks.stream is not None and block.done.any():
+        hooks.stream(block.index, block.tokens, block.start, block.done)
+    if hooks.on_finish is not None and rows.finished.any():
+        hooks.on_finish(rows.item, rows.finished, rows.tokens, rows.lengths, rows.forwards,
+                        rows.committed)
 
 
 def _forward(config, params, tokens, positions, mask, cache, logits_slice=None):
@@ -446,13 +524,6 @@ def _finish(
         num_committed=committed, tokens_per_forward=tpf, steps_per_block=steps_per_block,
         batch_forwards=batch_forwards,
     )
-
-
-def _report(on_finish, finished, item, canvas, length, forwards, committed, static, stop_ids):
-    """Hands the sequences finished in `finished` ([slots] bool) to the host."""
-    tokens, lengths = _cut(canvas, length, static.max_new_tokens, stop_ids)
-    jax.debug.callback(on_finish, item, finished, tokens, lengths, forwards, committed,
-                       ordered=True)
 
 
 def _propose(static, knobs, logits, keys):
@@ -535,40 +606,123 @@ class _Outputs:
         )
 
 
-def _run_queue(state, forward_fn, admit_fn, counters_fn, hooks, static, stop_ids, num_items):
-    """The loop shared by both modes: one forward for every slot per iteration
-    until all slots are done; after a forward that finished sequences, their
-    results are stored (and reported) and waiting prompts take their slots.
+class _Program(NamedTuple):
+    """One mode's decoding loop as functions of its state (closures over the inputs).
 
-    Args:
-      state: a loop state with canvas, length, item, done, next_item, outputs.
-      forward_fn: state -> state, one forward for every slot.
-      admit_fn: state -> state, the next prompt into the first empty slot.
-      counters_fn: state -> (forwards, committed, steps_per_block) per slot.
+    init: () -> state, the first prompts in the slots (not yet prefilled).
+    prefill: (canvas, cache) -> cache with the canvas rows' prompt keys and values.
+    forward: state -> (state, _Block), one forward for every slot.
+    admit: state -> state, the next waiting prompt into the first free slot.
+    counters: state -> (forwards, committed, steps_per_block), per slot.
     """
 
+    init: Callable
+    prefill: Callable
+    forward: Callable
+    admit: Callable
+    counters: Callable
+
+
+@flax.struct.dataclass
+class _Block:
+    """What one forward did to the slots' blocks (AR: to their next token).
+
+    done: [slots] bool, slots whose block it completed; index: [slots] those
+    blocks' indices; start: [slots] their first positions; tokens: [slots, B].
+    """
+
+    done: jnp.ndarray
+    index: jnp.ndarray
+    start: jnp.ndarray
+    tokens: jnp.ndarray
+
+
+@flax.struct.dataclass
+class _Finished:
+    """The sequences one forward finished, before their slots are refilled.
+
+    finished: [slots] bool; item: [slots] their prompt indices; tokens:
+    [slots, G] cut as in DecodeResult; lengths, forwards, committed: [slots].
+    """
+
+    finished: jnp.ndarray
+    item: jnp.ndarray
+    tokens: jnp.ndarray
+    lengths: jnp.ndarray
+    forwards: jnp.ndarray
+    committed: jnp.ndarray
+
+
+@flax.struct.dataclass
+class _Report:
+    """A chunk's last forward, for the host's hooks; all_done: the queue is finished."""
+
+    block: _Block
+    finished: _Finished
+    all_done: jnp.ndarray
+
+
+def _empty_report(slots: int, block_length: int, max_new_tokens: int) -> _Report:
+    flags, ints = jnp.zeros((slots,), bool), jnp.zeros((slots,), jnp.int32)
+    return _Report(
+        block=_Block(done=flags, index=ints, start=ints,
+                     tokens=jnp.zeros((slots, block_length), jnp.int32)),
+        finished=_Finished(finished=flags, item=ints,
+                           tokens=jnp.zeros((slots, max_new_tokens), jnp.int32),
+                           lengths=ints, forwards=ints, committed=ints),
+        all_done=jnp.bool_(False),
+    )
+
+
+def _run_queue(state, program: _Program, static: _Static, stop_ids, num_items: int, pause):
+    """The loop shared by both modes: one forward for every slot per iteration
+    until all slots are done or `pause` (traced) asks to return after a forward
+    that finished a sequence (_PAUSE_ON_FINISH) or completed a block
+    (_PAUSE_ON_BLOCK). After a forward that finished sequences their results
+    are stored and waiting prompts take their slots.
+
+    Returns (state, _Report of the last forward).
+    """
+    empty = _empty_report(static.num_slots, static.block_length, static.max_new_tokens)
+
     def refill(st, finished):
-        forwards, committed, steps = counters_fn(st)
-        if hooks.on_finish is not None:
-            _report(hooks.on_finish, finished, st.item, st.canvas, st.length, forwards, committed,
-                    static, stop_ids)
+        forwards, committed, steps = program.counters(st)
+        tokens, lengths = _cut(st.canvas, st.length, static.max_new_tokens, stop_ids)
+        rows = _Finished(finished=finished, item=st.item, tokens=tokens, lengths=lengths,
+                         forwards=forwards, committed=committed)
         st = st.replace(
             outputs=st.outputs.store(finished, st.item, st.canvas, forwards, committed, steps),
             item=jnp.where(finished, num_items, st.item),
         )
-        if num_items == static.num_slots:  # nothing waits: no prefill in the loop
-            return st
-        return jax.lax.while_loop(
-            lambda st: (st.next_item < num_items) & jnp.any(st.item >= num_items), admit_fn, st
-        )
+        if num_items > static.num_slots:  # prompts may wait: prefill them into free slots
+            st = jax.lax.while_loop(
+                lambda st: (st.next_item < num_items) & jnp.any(st.item >= num_items),
+                program.admit, st,
+            )
+        return st, rows
 
-    def body(st):
+    def keep(st, finished):
+        return st, empty.finished
+
+    def body(carry):
+        st, _ = carry
         was_done = st.done
-        st = forward_fn(st)
+        st, block = program.forward(st)
         finished = st.done & ~was_done
-        return jax.lax.cond(jnp.any(finished), refill, lambda st, _: st, st, finished)
+        st, rows = jax.lax.cond(jnp.any(finished), refill, keep, st, finished)
+        return st, _Report(block=block, finished=rows, all_done=jnp.all(st.done))
 
-    return jax.lax.while_loop(lambda st: ~jnp.all(st.done), body, state)
+    def go_on(carry):
+        st, report = carry
+        paused = (((pause >= _PAUSE_ON_FINISH) & jnp.any(report.finished.finished))
+                  | ((pause >= _PAUSE_ON_BLOCK) & jnp.any(report.block.done)))
+        return ~report.all_done & ~paused
+
+    def prefill_first(st):
+        return st.replace(cache=program.prefill(st.canvas, st.cache), prefilled=jnp.bool_(True))
+
+    state = jax.lax.cond(state.prefilled, lambda st: st, prefill_first, state)
+    return jax.lax.while_loop(go_on, body, (state, empty))
 
 
 def _fresh_canvas(prompt_tokens, prompt_lengths, items, canvas_len, fill):
@@ -627,6 +781,8 @@ class _DiffusionState:
     forwards, committed: [slots] per-sequence counters.
     steps_per_block: [slots, max_blocks].
     next_item: scalar, the first prompt not yet given a slot.
+    prefilled: scalar bool, the first prompts' cache rows are written (by the
+      loop's first call, so that prefill is compiled into the loop's program).
     batch_forwards: scalar, forwards the batch ran.
     outputs: the finished sequences.
     """
@@ -645,11 +801,12 @@ class _DiffusionState:
     committed: jnp.ndarray
     steps_per_block: jnp.ndarray
     next_item: jnp.ndarray
+    prefilled: jnp.ndarray
     batch_forwards: jnp.ndarray
     outputs: _Outputs
 
 
-def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, config, static, hooks):
+def _diffusion_program(params, prompt_tokens, prompt_lengths, keys, knobs, config, static):
     """Block diffusion over a queue of prompts with `static.num_slots` slots (see module doc)."""
     b, g, slots = static.block_length, static.max_new_tokens, static.num_slots
     shifted = config.logits_convention == "shifted"
@@ -745,9 +902,7 @@ def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, conf
         stopped = jnp.any(_is_stop(block, knobs["stop_ids"]) & generated, axis=-1)
         finishing = block_done & (stopped | (st.block + 1 >= num_blocks(st.length)))
         advance = block_done & ~finishing
-        if hooks.stream is not None:
-            jax.debug.callback(hooks.stream, st.block, block, start, block_done, ordered=True)
-        return st.replace(
+        state = st.replace(
             canvas=canvas,
             cache=cache,
             block=st.block + advance,
@@ -762,6 +917,7 @@ def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, conf
                 jnp.where(block_done, step, st.steps_per_block[rows, st.block])),
             batch_forwards=st.batch_forwards + 1,
         )
+        return state, _Block(done=block_done, index=st.block, start=start, tokens=block)
 
     # ---- a waiting prompt into a free slot --------------------------------------------------
     def admit(st):
@@ -781,26 +937,25 @@ def _generate_diffusion(params, prompt_tokens, prompt_lengths, keys, knobs, conf
             next_item=item + 1,
         )
 
-    # ---- the first prompts fill the slots in one prefill ------------------------------------
-    canvas, length = fresh_canvas(rows)
-    cache = parallel.constrain_cache(transformer.init_cache(config, slots, canvas_len))
-    zeros = jnp.zeros((slots,), jnp.int32)
-    state = _DiffusionState(
-        canvas=canvas, cache=prefill(canvas, cache), item=rows.astype(jnp.int32), length=length,
-        block=zeros, step=zeros, masked=first_masked(length), said=_said_state(slots, static),
-        first=(zeros, zeros.astype(jnp.float32), zeros.astype(jnp.float32)),
-        done=jnp.zeros((slots,), bool), forwards=zeros, committed=zeros,
-        steps_per_block=jnp.zeros((slots, max_blocks), jnp.int32),
-        next_item=jnp.int32(slots), batch_forwards=jnp.int32(0),
-        outputs=_empty_outputs(num_items, canvas_len, max_blocks),
-    )
-    state = _run_queue(
-        state, denoise, admit, lambda st: (st.forwards, st.committed, st.steps_per_block),
-        hooks, static, knobs["stop_ids"], num_items,
-    )
-    out = state.outputs
-    return _finish(out.canvas, prompt_lengths, out.forwards, out.committed, out.steps_per_block,
-                   state.batch_forwards, static, knobs["stop_ids"])
+    # ---- the first prompts fill the slots (one prefill, at the loop's first call) ------------
+    def init():
+        canvas, length = fresh_canvas(rows)
+        cache = parallel.constrain_cache(transformer.init_cache(config, slots, canvas_len))
+        zeros = jnp.zeros((slots,), jnp.int32)
+        return _DiffusionState(
+            canvas=canvas, cache=cache, item=rows.astype(jnp.int32), length=length,
+            block=zeros, step=zeros, masked=first_masked(length), said=_said_state(slots, static),
+            first=(zeros, zeros.astype(jnp.float32), zeros.astype(jnp.float32)),
+            done=jnp.zeros((slots,), bool), forwards=zeros, committed=zeros,
+            steps_per_block=jnp.zeros((slots, max_blocks), jnp.int32),
+            next_item=jnp.int32(slots), prefilled=jnp.bool_(False), batch_forwards=jnp.int32(0),
+            outputs=_empty_outputs(num_items, canvas_len, max_blocks),
+        )
+
+    def counters(st):
+        return st.forwards, st.committed, st.steps_per_block
+
+    return _Program(init=init, prefill=prefill, forward=denoise, admit=admit, counters=counters)
 
 
 @flax.struct.dataclass
@@ -809,8 +964,9 @@ class _ARState:
 
     canvas: [slots, canvas_len] prompt then generated tokens; cache: the KV
     cache; item, length: the slot's prompt and its P; t: [slots] tokens
-    generated so far; done, forwards: [slots]; next_item, batch_forwards:
-    scalars; outputs: the finished sequences.
+    generated so far; done, forwards: [slots]; next_item, prefilled,
+    batch_forwards: scalars (see _DiffusionState); outputs: the finished
+    sequences.
     """
 
     canvas: jnp.ndarray
@@ -821,11 +977,12 @@ class _ARState:
     done: jnp.ndarray
     forwards: jnp.ndarray
     next_item: jnp.ndarray
+    prefilled: jnp.ndarray
     batch_forwards: jnp.ndarray
     outputs: _Outputs
 
 
-def _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, static, hooks):
+def _ar_program(params, prompt_tokens, prompt_lengths, keys, knobs, config, static):
     """Next-token decoding over a queue of prompts with `static.num_slots` slots."""
     g, slots = static.max_new_tokens, static.num_slots
     num_items, max_prompt = prompt_tokens.shape
@@ -851,13 +1008,12 @@ def _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, sta
         proposal = _propose(static, knobs, logits, step_keys)[0][:, 0]
         canvas = st.canvas.at[rows, last + 1].set(
             jnp.where(active, proposal, st.canvas[rows, last + 1]))
-        if hooks.stream is not None:
-            jax.debug.callback(hooks.stream, st.t, proposal[:, None], last + 1, active, ordered=True)
         finishing = active & (_is_stop(proposal, knobs["stop_ids"]) | (st.t + 1 >= g))
-        return st.replace(
+        state = st.replace(
             canvas=canvas, cache=cache, t=st.t + active, done=st.done | finishing,
             forwards=st.forwards + active, batch_forwards=st.batch_forwards + 1,
         )
+        return state, _Block(done=active, index=st.t, start=last + 1, tokens=proposal[:, None])
 
     def admit(st):
         one, item, canvas, length, cache = _take_free_slot(st, fresh_canvas, prefill)
@@ -868,21 +1024,19 @@ def _generate_ar(params, prompt_tokens, prompt_lengths, keys, knobs, config, sta
             next_item=item + 1,
         )
 
-    canvas, length = fresh_canvas(rows)
-    cache = parallel.constrain_cache(transformer.init_cache(config, slots, canvas_len))
-    zeros = jnp.zeros((slots,), jnp.int32)
-    state = _ARState(
-        canvas=canvas, cache=prefill(canvas, cache), item=rows.astype(jnp.int32), length=length,
-        t=zeros, done=jnp.zeros((slots,), bool), forwards=zeros, next_item=jnp.int32(slots),
-        batch_forwards=jnp.int32(0),
-        outputs=_empty_outputs(num_items, canvas_len, g),
-    )
+    def init():
+        canvas, length = fresh_canvas(rows)
+        cache = parallel.constrain_cache(transformer.init_cache(config, slots, canvas_len))
+        zeros = jnp.zeros((slots,), jnp.int32)
+        return _ARState(
+            canvas=canvas, cache=cache, item=rows.astype(jnp.int32),
+            length=length, t=zeros, done=jnp.zeros((slots,), bool), forwards=zeros,
+            next_item=jnp.int32(slots), prefilled=jnp.bool_(False), batch_forwards=jnp.int32(0),
+            outputs=_empty_outputs(num_items, canvas_len, g),
+        )
 
     def counters(st):
         steps_per_token = (jnp.arange(g)[None] < st.forwards[:, None]).astype(jnp.int32)
         return st.forwards, st.forwards, steps_per_token
 
-    state = _run_queue(state, step, admit, counters, hooks, static, knobs["stop_ids"], num_items)
-    out = state.outputs
-    return _finish(out.canvas, prompt_lengths, out.forwards, out.committed, out.steps_per_block,
-                   state.batch_forwards, static, knobs["stop_ids"])
+    return _Program(init=init, prefill=prefill, forward=step, admit=admit, counters=counters)

@@ -42,7 +42,6 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from sdar_jax import parallel
 from sdar_jax.config import ModelConfig
 from sdar_jax.data.tokenizer import Tokenizer
 from sdar_jax.decode import decoder
@@ -307,19 +306,14 @@ def decode_plan(params: Any, model_config: ModelConfig, prompt_ids: Sequence[Seq
       progress: show a tqdm bar over rows (advanced as rows finish with
         `on_row`, else per bucket).
       on_row: called with ((example, sample), RowOutput) as each row finishes,
-        from inside the decoder call. It compiles the decoder anew for each
-        call (a host callback is part of the program): pass it for one-off
-        runs, not for sweeps over traced knobs. On a mesh of several devices
-        (an active sharding context) it is called for each row of a bucket
-        when that bucket's call returns.
+        between the decoder's chunks (the same compiled programs as without
+        it; the loop returns to the host after each forward that finished a
+        row).
 
     Returns:
       ({(example, sample): RowOutput}, DecodeStats).
     """
     outputs: dict[tuple[int, int], RowOutput] = {}
-    # JAX runs ordered host callbacks on one device only: on a mesh, rows are handed to
-    # `on_row` when their decoder call returns.
-    in_loop = parallel.current_context() is None
     wall = compile_s = 0.0
     batch_forwards = 0
     total_rows = sum(len(p.rows) for p in plans)
@@ -328,9 +322,8 @@ def decode_plan(params: Any, model_config: ModelConfig, prompt_ids: Sequence[Seq
         for plan in plans:
             tokens, lengths, ex_idx, s_idx = _batch_arrays(plan, prompt_ids, pad_id)
             keys = sample_keys(seed, ex_idx, s_idx)
-            # A new hook is a new static argument (a new compilation): only when asked for.
             hooks = decoder.Hooks()
-            if on_row is not None and in_loop:
+            if on_row is not None:
                 hooks = decoder.Hooks(on_finish=functools.partial(_rows_finished, plan, on_row, bar))
             start, compiled_before = time.perf_counter(), compiled[0]
             result = to_host(decoder.generate_many(
@@ -342,9 +335,7 @@ def decode_plan(params: Any, model_config: ModelConfig, prompt_ids: Sequence[Seq
             for i, row in enumerate(plan.rows):
                 outputs[row] = _row_output(result.tokens[i], result.lengths[i],
                                            result.num_forwards[i], result.num_committed[i])
-                if on_row is not None and not in_loop:
-                    on_row(row, outputs[row])
-            if on_row is None or not in_loop:
+            if on_row is None:
                 bar.update(len(plan.rows))
     stats = DecodeStats(wall_seconds=wall, compile_seconds=compile_s,
                         batch_forwards=batch_forwards, num_batches=len(plans))

@@ -153,3 +153,89 @@ def test_ar_queue_and_finish_hook(model):
     assert sorted(reported) == list(range(len(PROMPTS)))
     for i in range(len(PROMPTS)):
         assert reported[i] == result.tokens[i, : int(result.lengths[i])].tolist()
+
+
+def test_hooks_pause_and_resume_one_executable(model):
+    """With hooks the loop hands its state to the host after forwards that complete
+    blocks or finish sequences and resumes it: the same tokens and forwards as one
+    uninterrupted call, the same compiled program (hooks are not part of it), and
+    the hooks see every block and every sequence once, in order."""
+    config, params = model
+    params = jax.device_put(params, jax.devices()[0])  # committed, as the CLI loads them
+    keys = jax.random.split(jax.random.key(4), len(PROMPTS))
+    dc = DecodeConfig(block_length=4, steps=4, strategy="low_confidence_dynamic", threshold=0.5,
+                      temperature=1.0, max_new_tokens=MAX_NEW)
+    dc = dataclasses.replace(dc, stop_ids=(_stop_id(config, params, dc, keys, 2),))
+    tokens, lengths = _padded(PROMPTS)
+    whole = jax.device_get(generate_many(params, config, tokens, lengths, keys, dc, num_slots=2))
+    compiles = []
+
+    def count(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    # Host copy of the queue: the first prompts in slots 0, 1; a freed slot takes
+    # the next prompt (lowest slot first).
+    slot_item, next_item = [0, 1], 2
+    blocks, finished = collections.defaultdict(list), []
+
+    def stream(block_index, block_tokens, start, done):
+        for slot in np.flatnonzero(done):
+            blocks[slot_item[slot]].append((int(block_index[slot]), int(start[slot]),
+                                            block_tokens[slot].tolist()))
+
+    def on_finish(items, done, tokens, lengths, forwards, committed):
+        nonlocal next_item
+        for slot in np.flatnonzero(done):
+            assert int(items[slot]) == slot_item[slot]
+            finished.append((slot_item[slot], tokens[slot, : lengths[slot]].tolist(),
+                             int(forwards[slot])))
+        for slot in np.flatnonzero(done):
+            slot_item[slot], next_item = next_item, next_item + 1
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        paused = jax.device_get(generate_many(params, config, tokens, lengths, keys, dc,
+                                              num_slots=2,
+                                              hooks=Hooks(stream=stream, on_finish=on_finish)))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert not compiles  # every chunk ran the programs the call without hooks compiled
+    for field in ("tokens", "lengths", "canvas", "num_forwards", "steps_per_block",
+                  "batch_forwards"):
+        np.testing.assert_array_equal(getattr(paused, field), getattr(whole, field), field)
+    assert sorted(item for item, *_ in finished) == list(range(len(PROMPTS)))
+    for item, ids, forwards in finished:
+        assert ids == whole.tokens[item, : whole.lengths[item]].tolist()
+        assert forwards == int(whole.num_forwards[item])
+        # Every block of the prompt, in order, with the tokens it ended with.
+        assert [k for k, *_ in blocks[item]] == list(range(len(blocks[item])))
+        assert len(blocks[item]) == int((whole.steps_per_block[item] > 0).sum())
+        for _, start, block_tokens in blocks[item]:
+            assert block_tokens == whole.canvas[item, start : start + 4].tolist()
+
+
+def test_resuming_under_a_mesh_compiles_once():
+    """Under a mesh the state `_start` returns is laid out like the one `_resume`
+    returns, so the paused loop resumes in one executable; tokens equal one device."""
+    from sdar_jax.decode import decoder
+    from sdar_jax.model import sharding as model_sharding
+    from sdar_jax.parallel import ParallelConfig, ShardingContext
+
+    config = get_preset("tiny", vocab_size=64, num_layers=1, mask_token_id=63)
+    params = transformer.init_params(config, jax.random.key(5))
+    tokens, lengths = _padded(PROMPTS)
+    dc = DecodeConfig(block_length=4, steps=2, strategy="low_confidence_static", max_new_tokens=8)
+    want = jax.device_get(generate_many(params, config, tokens, lengths, jax.random.key(0), dc,
+                                        num_slots=4))
+    context = ShardingContext.from_config(ParallelConfig(data=2, fsdp=2, tensor=2))
+    sharded = jax.device_put(params, model_sharding.param_shardings(config, context))
+    finished = []
+    compiled = decoder._resume._cache_size()
+    with context.activate():
+        got = jax.device_get(generate_many(
+            sharded, config, tokens, lengths, jax.random.key(0), dc, num_slots=4,
+            hooks=Hooks(on_finish=lambda items, done, *_: finished.extend(items[done].tolist()))))
+    assert decoder._resume._cache_size() == compiled + 1
+    assert sorted(finished) == list(range(len(PROMPTS)))
+    np.testing.assert_array_equal(got.canvas, want.canvas)
