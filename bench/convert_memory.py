@@ -34,6 +34,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from sdar_jax import convert
+from sdar_jax.checkpoint.dtypes import NUMPY_DTYPES, numpy_dtype
+from sdar_jax.checkpoint.params import CONFIG_FILE
 from sdar_jax.config import ModelConfig, get_preset, to_hf_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +85,7 @@ def write_synthetic_checkpoint(
       max_shard_bytes: the largest safetensors shard.
     """
     os.makedirs(out_dir)
-    dtype = convert.numpy_dtype(config.param_dtype)
+    dtype = numpy_dtype(config.param_dtype)
     tensors = [(name, rule.hf_shape) for rule in convert.tensor_rules(config)
                for name, _ in rule.instances(config)]
     shapes = dict(tensors)
@@ -92,7 +94,7 @@ def write_synthetic_checkpoint(
         out_dir, tensors, lambda name: _random_tensor(rng, shapes[name], dtype),
         config.param_dtype, max_shard_bytes,
     )
-    with open(os.path.join(out_dir, convert.CONFIG_FILE), "w") as f:
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(dict(hf_config) if hf_config is not None else to_hf_config(config), f, indent=2)
     return sum(math.prod(shape) for _, shape in tensors) * dtype.itemsize
 
@@ -214,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="sdar-1.7b", help="layer shapes (sdar_jax.config presets)")
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 9], help="layer counts to measure")
-    parser.add_argument("--dtype", choices=tuple(convert.NUMPY_DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=tuple(NUMPY_DTYPES), default="bfloat16")
     parser.add_argument("--vocab", type=int, help="override the preset's vocab_size")
     parser.add_argument("--hidden", type=int, help="override hidden_size")
     parser.add_argument("--intermediate", type=int, help="override intermediate_size")

@@ -123,7 +123,7 @@ class _Models:
             self.max_new = args.max_new_tokens or 128
             self.prompts = None
             return
-        from sdar_jax import convert
+        from sdar_jax.checkpoint.params import load_params_checkpoint
         from sdar_jax.data import tasks
         from sdar_jax.data.tokenizer import load_tokenizer
 
@@ -132,7 +132,7 @@ class _Models:
         training = summary["training"]
 
         def load(stage):
-            return convert.load_params_checkpoint(training[stage]["export_dir"], args.dtype)
+            return load_params_checkpoint(training[stage]["export_dir"], args.dtype)
 
         self.ar, self.sdar4 = load("ar"), load("sdar")
         self.sdar8 = load("sdar_b8") if "sdar_b8" in training else self.sdar4

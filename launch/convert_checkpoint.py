@@ -23,6 +23,8 @@ import warnings
 from typing import Sequence
 
 from sdar_jax import convert
+from sdar_jax.checkpoint.dtypes import NUMPY_DTYPES
+from sdar_jax.checkpoint.errors import ConversionError
 from sdar_jax.config import ConfigError, export_model_type
 
 
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    dtypes = tuple(convert.NUMPY_DTYPES)
+    dtypes = tuple(NUMPY_DTYPES)
 
     to_jax = sub.add_parser("hf-to-jax", help="Hugging Face safetensors dir -> sdar_jax params checkpoint")
     to_jax.add_argument("--hf", required=True, help="Hugging Face model directory")
@@ -77,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.ckpt, args.out, args.dtype, max_shard_bytes=args.max_shard_size,
                     overwrite=args.overwrite,
                 )
-        except (convert.ConversionError, ConfigError, OSError) as e:
+        except (ConversionError, ConfigError, OSError) as e:
             # One line says what is wrong; a tensor check adds one line per mismatch.
             # (OSError: the disk filled up or vanished while writing; its message names the file.)
             print(f"convert_checkpoint: error: {e}", file=sys.stderr)

@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     except DecodingArgsError as e:
         raise UsageError(str(e)) from e
 
-    from sdar_jax import convert
+    from sdar_jax.checkpoint.params import load_params_checkpoint
     from sdar_jax.data.tokenizer import TokenizerError, load_tokenizer
     from sdar_jax.eval import runner
 
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.ckpt):
         raise UsageError(f"--ckpt {args.ckpt!r}: no such directory")
     try:
-        config, params = convert.load_params_checkpoint(args.ckpt)
+        config, params = load_params_checkpoint(args.ckpt)
     except ValueError as e:
         raise UsageError(f"--ckpt {args.ckpt!r}: {e}") from e
     tokenizer_dir = args.tokenizer or args.ckpt

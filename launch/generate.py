@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
-    from sdar_jax import convert
+    from sdar_jax.checkpoint.params import load_params_checkpoint
     from sdar_jax.decode.decoder import Hooks, generate_many
     from sdar_jax.eval.runner import JsonlStream
 
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.ckpt):
         raise UsageError(f"--ckpt {args.ckpt!r}: no such directory")
     try:
-        config, params = convert.load_params_checkpoint(args.ckpt)
+        config, params = load_params_checkpoint(args.ckpt)
     except ValueError as e:
         raise UsageError(f"--ckpt {args.ckpt!r}: {e}") from e
     tokenizer = _load_tokenizer(args, needed=any("prompt" in item for item in items))

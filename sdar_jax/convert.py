@@ -47,13 +47,10 @@ import json
 import logging
 import math
 import os
-import shutil
 import struct
-import tempfile
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safe_open can read BF16)
 import numpy as np
 import orbax.checkpoint as ocp
@@ -62,27 +59,29 @@ from etils import epath
 from orbax.checkpoint import type_handlers
 from safetensors import SafetensorError, safe_open
 
-from sdar_jax.config import ModelConfig, from_hf_config, read_hf_config_json, to_hf_config
+from sdar_jax.checkpoint.atomic import AtomicDir, check_output_dir
+from sdar_jax.checkpoint.dtypes import numpy_dtype
+from sdar_jax.checkpoint.errors import ConversionError, first_line
+from sdar_jax.checkpoint.params import (
+    CONFIG_FILE,
+    PARAMS_SUBDIR,
+    StoredParams,
+    check_param_shapes,
+    copy_aux_files,
+    read_stored_params,
+    write_config,
+)
+from sdar_jax.checkpoint.tree import get_path, set_path
+from sdar_jax.config import ModelConfig, from_hf_config, read_hf_config_json
 
-PARAMS_SUBDIR = "params"
-CONFIG_FILE = "config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Tokenizer and generation files copied along with the weights (both directions).
-AUX_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
-    "special_tokens_map.json", "chat_template.jinja", "generation_config.json",
-)
 # Tensors some checkpoints carry that hold no parameters (recomputed buffers).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 # safetensors dtype codes accepted as input, and the numpy dtypes we write.
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-}
 _SAFETENSORS_CODES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # The largest block of an unstacked tensor (embedding, head) converted at once.
@@ -91,12 +90,6 @@ PIECE_BYTES = 64 * 1024**2
 _TRIM_BYTES = 16 * 1024**2
 # Pieces whose tensorstore write may still be running while the next is read.
 _WRITES_IN_FLIGHT = 2
-# orbax's file (in the params directory) that holds the tree; written last.
-_ORBAX_TREE_METADATA = "_METADATA"
-
-
-class ConversionError(ValueError):
-    """The input checkpoint does not match what the config describes, or is unreadable."""
 
 
 class ExportWarning(UserWarning):
@@ -345,39 +338,8 @@ def param_shapes(config: ModelConfig) -> dict:
     """The param tree of `config` with shape tuples as leaves (from the rules)."""
     tree: dict = {}
     for rule in tensor_rules(config):
-        _set_path(tree, rule.path, rule.full_shape(config))
+        set_path(tree, rule.path, rule.full_shape(config))
     return tree
-
-
-def _set_path(tree: dict, path: Sequence[str], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get_path(tree: Mapping, path: Sequence[str]) -> Any:
-    for key in path:
-        if not isinstance(tree, Mapping) or key not in tree:
-            raise ConversionError(f"params have no entry {'/'.join(path)}")
-        tree = tree[key]
-    return tree
-
-
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out: dict[tuple[str, ...], Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = value
-    return out
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    """The numpy dtype for "float32" or "bfloat16" (bfloat16 from ml_dtypes)."""
-    if name not in NUMPY_DTYPES:
-        raise ConversionError(f"dtype {name!r} is not supported; expected one of {tuple(NUMPY_DTYPES)}")
-    return NUMPY_DTYPES[name]
 
 
 # ---------------------------------------------------------------------------
@@ -669,10 +631,10 @@ def hf_to_params(hf_dir: str | os.PathLike, dtype: str | None = None) -> tuple[M
     out_dtype = numpy_dtype(config.param_dtype)
     params: dict = {}
     for rule in tensor_rules(config):
-        _set_path(params, rule.path, np.empty(rule.full_shape(config), out_dtype))
+        set_path(params, rule.path, np.empty(rule.full_shape(config), out_dtype))
 
     def write(piece: Piece, value: np.ndarray) -> None:
-        _get_path(params, piece.rule.path)[piece.param_region()] = value
+        get_path(params, piece.rule.path)[piece.param_region()] = value
 
     with _SafetensorsReader() as reader:
         _check_tied_head(source, reader)
@@ -813,10 +775,10 @@ def write_hf_weights(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> None:
     """Writes in-memory params as Hugging Face safetensors (see write_safetensors)."""
-    _check_param_shapes(config, params, "write_hf_weights")
+    check_param_shapes(config, params, "write_hf_weights")
 
     def read(piece: Piece) -> np.ndarray:
-        return np.asarray(_get_path(params, piece.rule.path)[piece.param_region()])
+        return np.asarray(get_path(params, piece.rule.path)[piece.param_region()])
 
     _write_hf_pieces(out_dir, config, read, dtype, max_shard_bytes)
 
@@ -825,260 +787,11 @@ def write_hf_weights(
 # Output directories
 
 
-def _within(path: str, directory: str) -> bool:
-    return os.path.commonpath([path, directory]) == directory
-
-
-def check_output_dir(
-    target: str | os.PathLike, overwrite: bool = False, sources: Sequence[str | os.PathLike] = (),
-) -> str:
-    """Refuses an output directory before any work is done; returns its absolute path.
-
-    Refused: an existing target (unless `overwrite`) or one that is not a
-    directory, a missing or unwritable parent, and a target that is, or
-    holds, one of the `sources` (overwriting it would delete the input).
-    """
-    target = os.path.abspath(os.fspath(target))
-    real = os.path.realpath(target)
-    for src in sources:
-        src_real = os.path.realpath(os.fspath(src))
-        if _within(src_real, real):
-            raise ConversionError(
-                f"{target}: the output would replace the input {os.fspath(src)} (choose another output directory)"
-            )
-    if os.path.lexists(target):
-        if not overwrite:
-            raise ConversionError(f"{target}: already exists (choose a new output directory)")
-        if not os.path.isdir(target) or os.path.islink(target):
-            raise ConversionError(f"{target}: exists and is not a directory (refusing to replace it)")
-    parent = os.path.dirname(target)
-    if not os.path.isdir(parent):
-        raise ConversionError(f"{parent}: output's parent directory does not exist")
-    try:  # the real test: whatever makes a directory fail (permissions, read-only mount)
-        os.rmdir(tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.probe-", dir=parent))
-    except OSError as e:
-        raise ConversionError(f"{parent}: cannot create the output there ({e.strerror or e})") from e
-    return target
-
-
-class AtomicDir:
-    """Context manager: a temporary directory next to `target`, renamed to
-    `target` on success and removed on failure (no half-written outputs).
-
-    `with AtomicDir(out) as tmp:` yields the temporary path to write into.
-    The target is checked with `check_output_dir` (an existing one is refused
-    unless `overwrite`, as is one that is or holds one of `sources`).
-    """
-
-    def __init__(self, target: str | os.PathLike, overwrite: bool = False,
-                 sources: Sequence[str | os.PathLike] = ()):
-        self.target = os.path.abspath(os.fspath(target))
-        self.overwrite = overwrite
-        self.sources = tuple(sources)
-        self.path = ""
-
-    def __enter__(self) -> str:
-        check_output_dir(self.target, self.overwrite, self.sources)
-        parent = os.path.dirname(self.target)
-        try:
-            self.path = tempfile.mkdtemp(prefix=f".{os.path.basename(self.target)}.tmp-", dir=parent)
-        except OSError as e:
-            raise ConversionError(f"{parent}: cannot create the output there ({e.strerror or e})") from e
-        return self.path
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        os.chmod(self.path, 0o755)
-        if os.path.exists(self.target):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.target)}.old-",
-                                   dir=os.path.dirname(self.target))
-            os.rename(self.target, os.path.join(old, "out"))
-            os.rename(self.path, self.target)
-            shutil.rmtree(old)
-        else:
-            os.rename(self.path, self.target)
-
-
-def _remote_code_files(hf_config: Mapping[str, Any] | None) -> list[str]:
-    """The `.py` files a config's `auto_map` names (SDAR's modeling code)."""
-    files = []
-    for value in dict((hf_config or {}).get("auto_map") or {}).values():
-        for ref in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(ref, str) and "." in ref:
-                module = ref.split("--")[-1].rsplit(".", 1)[0]
-                files.append(module.replace(".", os.sep) + ".py")
-    return sorted(set(files))
-
-
-def copy_aux_files(src_dir: str, dst_dir: str, hf_config: Mapping[str, Any] | None = None) -> None:
-    """Copies the tokenizer / generation files (AUX_FILES) and the remote
-    code that `hf_config`'s auto_map names, those that exist."""
-    for name in AUX_FILES + tuple(_remote_code_files(hf_config)):
-        src = os.path.join(src_dir, name)
-        if os.path.isfile(src):
-            os.makedirs(os.path.dirname(os.path.join(dst_dir, name)), exist_ok=True)
-            shutil.copyfile(src, os.path.join(dst_dir, name))
-
-
-def _write_config(out_dir: str, config: ModelConfig, base: Mapping[str, Any] | None = None) -> None:
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        json.dump(to_hf_config(config, base), f, indent=2, sort_keys=True)
-
-
 # ---------------------------------------------------------------------------
 # Params checkpoints (orbax)
 
 
-def _params_dtype(params: Mapping) -> str:
-    dtypes = {np.dtype(leaf.dtype) for leaf in jax.tree.leaves(params)}
-    for name, dt in NUMPY_DTYPES.items():
-        if dtypes == {dt}:
-            return name
-    raise ConversionError(f"params mix or use unsupported dtypes {sorted(map(str, dtypes))}; "
-                          f"expected all {tuple(NUMPY_DTYPES)[0]} or all {tuple(NUMPY_DTYPES)[1]}")
-
-
-def _write_params(out_dir: str, config: ModelConfig, params: Mapping) -> None:
-    _write_config(out_dir, config)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(out_dir, PARAMS_SUBDIR), params)
-        ckptr.wait_until_finished()
-
-
-def _check_param_shapes(config: ModelConfig, params_or_shapes: Mapping, source: str) -> None:
-    want = _flatten(param_shapes(config))
-    got = {path: tuple(leaf.shape) for path, leaf in _flatten(params_or_shapes).items()}
-    problems = [f"missing param {'/'.join(p)} {list(want[p])}" for p in sorted(want.keys() - got.keys())]
-    problems += [f"unexpected param {'/'.join(p)} {list(got[p])}" for p in sorted(got.keys() - want.keys())]
-    problems += [
-        f"wrong shape for {'/'.join(p)}: got {list(got[p])}, expected {list(want[p])}"
-        for p in sorted(want.keys() & got.keys()) if got[p] != want[p]
-    ]
-    if problems:
-        raise ConversionError(f"{source}: params do not match the config:\n  " + "\n  ".join(problems))
-def save_params_checkpoint(
-    out_dir: str | os.PathLike, config: ModelConfig, params: Mapping, *, overwrite: bool = False,
-    aux_dir: str | os.PathLike | None = None,
-) -> None:
-    """Writes `config.json` + an orbax checkpoint of `params` under `params/`.
-
-    Args:
-      out_dir: the checkpoint directory to create (must not exist unless
-        `overwrite`); written under a temporary name and renamed at the end.
-      config: the model config; its param_dtype is set from the params.
-      params: the param tree (numpy or jax arrays, possibly sharded), all
-        float32 or all bfloat16, shaped as `param_shapes(config)`.
-      overwrite: replace an existing `out_dir`.
-      aux_dir: a directory whose tokenizer/generation files (AUX_FILES) are
-        copied along.
-    """
-    _check_param_shapes(config, params, "save_params_checkpoint")
-    config = config.replace(param_dtype=_params_dtype(params))
-    if jax.process_count() > 1:
-        _save_params_multihost(out_dir, config, params, overwrite, aux_dir)
-        return
-    with AtomicDir(out_dir, overwrite) as tmp:
-        _write_params(tmp, config, params)
-        if aux_dir is not None:
-            copy_aux_files(os.fspath(aux_dir), tmp)
-
-
-def _save_params_multihost(
-    out_dir: str | os.PathLike, config: ModelConfig, params: Mapping, overwrite: bool,
-    aux_dir: str | os.PathLike | None,
-) -> None:
-    """`save_params_checkpoint` when several processes hold the params' shards.
-
-    Every process must write into the same directory (orbax saves each
-    process's shards and waits for all of them), so the temporary directory
-    has a fixed name; process 0 creates it, writes config.json and the aux
-    files, and renames it once every process's shards are written.
-    """
-    from jax.experimental import multihost_utils
-
-    target = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(target) and not overwrite:  # checked on every process: all raise together
-        raise ConversionError(f"{target}: already exists (choose a new output directory)")
-    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-multihost")
-    primary = jax.process_index() == 0
-    if primary:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        _write_config(tmp, config)
-        if aux_dir is not None:
-            copy_aux_files(os.fspath(aux_dir), tmp)
-    multihost_utils.sync_global_devices(f"save_params_checkpoint {target}: directory made")
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(tmp, PARAMS_SUBDIR), params)
-        ckptr.wait_until_finished()
-    multihost_utils.sync_global_devices(f"save_params_checkpoint {target}: params written")
-    if primary:
-        os.chmod(tmp, 0o755)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    multihost_utils.sync_global_devices(f"save_params_checkpoint {target}: renamed")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
-@dataclasses.dataclass(frozen=True)
-class _StoredParams:
-    """A params checkpoint's config and the orbax metadata of its params."""
-
-    ckpt_dir: str
-    params_dir: str
-    config: ModelConfig  # param_dtype set to the stored dtype
-    hf_config: dict[str, Any]  # config.json as stored
-    tree: Mapping  # leaves with .shape and .dtype
-    use_ocdbt: bool
-    use_zarr3: bool
-
-
-def _read_stored_params(ckpt_dir: str | os.PathLike) -> _StoredParams:
-    """Checks a params checkpoint is complete and matches its config.json
-    (metadata only; no array data is read)."""
-    ckpt_dir = os.fspath(ckpt_dir)
-    params_dir = os.path.join(os.path.abspath(ckpt_dir), PARAMS_SUBDIR)
-    if not os.path.isdir(params_dir):
-        raise ConversionError(f"{ckpt_dir}: not a params checkpoint (no {PARAMS_SUBDIR}/ directory)")
-    config_path, hf_config = read_hf_config_json(ckpt_dir)
-    config = from_hf_config(hf_config, source=config_path)
-    metadata_file = os.path.join(params_dir, _ORBAX_TREE_METADATA)
-    if not os.path.isfile(metadata_file):
-        raise ConversionError(
-            f"{ckpt_dir}: incomplete params checkpoint: {PARAMS_SUBDIR}/{_ORBAX_TREE_METADATA} is "
-            "missing (was the save interrupted?)"
-        )
-    try:
-        with open(metadata_file) as f:
-            tree_format = json.load(f)
-        with ocp.StandardCheckpointer() as ckptr:
-            metadata = ckptr.metadata(params_dir)
-    except Exception as e:  # orbax raises many kinds; all mean the same here
-        raise ConversionError(
-            f"{ckpt_dir}: unreadable params checkpoint ({_first_line(e)})"
-        ) from e
-    # orbax >= 0.11 wraps the tree in StepMetadata.item_metadata; older returns it directly.
-    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
-    if not isinstance(tree, Mapping) or not isinstance(tree_format, Mapping):
-        raise ConversionError(
-            f"{ckpt_dir}: incomplete params checkpoint: {PARAMS_SUBDIR}/ holds no param tree"
-        )
-    _check_param_shapes(config, tree, ckpt_dir)
-    return _StoredParams(
-        ckpt_dir, params_dir, config.replace(param_dtype=_params_dtype(tree)), hf_config, tree,
-        use_ocdbt=bool(tree_format.get("use_ocdbt", os.path.isfile(os.path.join(params_dir, "manifest.ocdbt")))),
-        use_zarr3=bool(tree_format.get("use_zarr3", False)),
-    )
-
-
-def _open_param_stores(stored: _StoredParams) -> dict[tuple[str, ...], Any]:
+def _open_param_stores(stored: StoredParams) -> dict[tuple[str, ...], Any]:
     """Every parameter of a params checkpoint as a tensorstore opened for
     reading regions (either layout: OCDBT or one zarr array per parameter)."""
     context = type_handlers.get_ts_context(use_ocdbt=stored.use_ocdbt)
@@ -1094,7 +807,7 @@ def _open_param_stores(stored: _StoredParams) -> dict[tuple[str, ...], Any]:
         except ValueError as e:
             raise ConversionError(
                 f"{stored.ckpt_dir}: incomplete params checkpoint: cannot open param "
-                f"{'/'.join(rule.path)} ({_first_line(e)})"
+                f"{'/'.join(rule.path)} ({first_line(e)})"
             ) from e
     return stores
 
@@ -1111,7 +824,7 @@ def _create_param_stores(params_dir: str, config: ModelConfig) -> dict[tuple[str
     rules = tensor_rules(config)
     placeholders: dict = {}
     for rule in rules:
-        _set_path(placeholders, rule.path, np.zeros((1,) * len(rule.full_shape(config)), dtype))
+        set_path(placeholders, rule.path, np.zeros((1,) * len(rule.full_shape(config)), dtype))
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)  # orbax warns that there is no OCDBT to merge: none is wanted
@@ -1140,53 +853,6 @@ def _create_param_stores(params_dir: str, config: ModelConfig) -> dict[tuple[str
     return stores
 
 
-def load_params_checkpoint(
-    ckpt_dir: str | os.PathLike, dtype: str | None = None, shardings: Any = None,
-) -> tuple[ModelConfig, dict]:
-    """Reads a params checkpoint (`save_params_checkpoint` or `hf_to_jax`).
-
-    Args:
-      ckpt_dir: the checkpoint directory.
-      dtype: cast the params to "float32" / "bfloat16" while restoring; None
-        keeps the stored dtype.
-      shardings: a pytree like the params whose leaves are
-        `jax.sharding.Sharding`s (e.g. NamedSharding): every array is restored
-        directly with its sharding. None puts everything on the first local
-        device.
-
-    Returns:
-      (config with param_dtype set to the restored dtype, params of jax arrays).
-
-    Raises:
-      ConversionError: not a params checkpoint, an incomplete or unreadable
-        one (naming the directory), or params that do not match config.json.
-    """
-    stored = _read_stored_params(ckpt_dir)
-    ckpt_dir = stored.ckpt_dir
-    dtype = dtype or stored.config.param_dtype
-    target_dtype = numpy_dtype(dtype)
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, stored.tree)
-    elif jax.tree.structure(shardings) != jax.tree.structure(stored.tree):
-        raise ConversionError(
-            f"{ckpt_dir}: shardings tree {jax.tree.structure(shardings)} does not match the "
-            f"stored params {jax.tree.structure(stored.tree)}"
-        )
-    target = jax.tree.map(
-        lambda meta, sharding: jax.ShapeDtypeStruct(meta.shape, target_dtype, sharding=sharding),
-        stored.tree, shardings,
-    )
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(stored.params_dir, target)
-    except Exception as e:  # a missing or damaged array file: orbax and tensorstore raise many kinds
-        raise ConversionError(
-            f"{ckpt_dir}: incomplete or damaged params checkpoint ({_first_line(e)})"
-        ) from e
-    return stored.config.replace(param_dtype=dtype), params
-
-
 # ---------------------------------------------------------------------------
 # The two conversions
 
@@ -1212,7 +878,7 @@ def hf_to_jax(
     with _SafetensorsReader() as reader:
         _check_tied_head(source, reader)
         with AtomicDir(out_dir, overwrite, sources=(hf_dir,)) as tmp:
-            _write_config(tmp, source.config, base=source.hf_config)
+            write_config(tmp, source.config, base=source.hf_config)
             stores = _create_param_stores(os.path.join(tmp, PARAMS_SUBDIR), source.config)
             pending: collections.deque = collections.deque()
             freed = _FreedMemory()
@@ -1222,7 +888,7 @@ def hf_to_jax(
                 try:
                     future.result()
                 except ValueError as e:  # tensorstore reports I/O errors (disk full, ...) as ValueError
-                    raise ConversionError(f"{out_dir}: writing {piece.name} failed ({_first_line(e)})") from e
+                    raise ConversionError(f"{out_dir}: writing {piece.name} failed ({first_line(e)})") from e
                 freed.add(nbytes)
 
             def write(piece: Piece, value: np.ndarray) -> None:
@@ -1273,7 +939,7 @@ def jax_to_hf(
     """
     ckpt_dir = os.fspath(ckpt_dir)
     check_output_dir(out_dir, overwrite, sources=(ckpt_dir,))
-    stored = _read_stored_params(ckpt_dir)
+    stored = read_stored_params(ckpt_dir)
     dtype = dtype or stored.config.param_dtype
     numpy_dtype(dtype)
     config = stored.config.replace(param_dtype=dtype)
@@ -1290,13 +956,13 @@ def jax_to_hf(
         except ValueError as e:
             raise ConversionError(
                 f"{ckpt_dir}: incomplete or damaged params checkpoint: cannot read "
-                f"{'/'.join(piece.rule.path)}{list(piece.index) or ''} ({_first_line(e)})"
+                f"{'/'.join(piece.rule.path)}{list(piece.index) or ''} ({first_line(e)})"
             ) from e
 
     if config.logits_convention == "shifted":
         warnings.warn(_shifted_warning(config), ExportWarning, stacklevel=2)
     with AtomicDir(out_dir, overwrite, sources=(ckpt_dir,)) as tmp:
         _write_hf_pieces(tmp, config, read, dtype, max_shard_bytes)
-        _write_config(tmp, config, base=stored.hf_config)
+        write_config(tmp, config, base=stored.hf_config)
         copy_aux_files(ckpt_dir, tmp, stored.hf_config)
     return config

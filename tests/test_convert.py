@@ -21,6 +21,8 @@ from safetensors.numpy import save_file
 
 from launch import convert_checkpoint
 from sdar_jax import convert
+from sdar_jax.checkpoint.errors import ConversionError
+from sdar_jax.checkpoint.params import load_params_checkpoint, save_params_checkpoint
 from sdar_jax.config import get_preset, load_hf_config
 from sdar_jax.model import transformer
 from tests.helpers.shared import REFERENCE_DIR
@@ -116,7 +118,7 @@ def test_all_mismatches_reported_at_once(qwen3_dir, tmp_path):
         return tensors
 
     bad = corrupt_copy(qwen3_dir[0], tmp_path / "bad", edit)
-    with pytest.raises(convert.ConversionError) as err:
+    with pytest.raises(ConversionError) as err:
         convert.hf_to_params(bad)
     message = str(err.value)
     assert "4 tensor(s) do not match" in message
@@ -147,7 +149,7 @@ def test_pickles_refused(qwen3_dir, tmp_path, name):
     shutil.copy(os.path.join(qwen3_dir[0], "config.json"), src)
     torch.save({"x": torch.zeros(2)}, src / name)
     for target in (src, src / name):
-        with pytest.raises(convert.ConversionError, match="pickle checkpoints .* are refused") as err:
+        with pytest.raises(ConversionError, match="pickle checkpoints .* are refused") as err:
             convert.hf_to_params(target)
         assert "safe_serialization=True" in str(err.value)
 
@@ -155,7 +157,7 @@ def test_pickles_refused(qwen3_dir, tmp_path, name):
 def test_existing_output_refused_and_overwrite(qwen3_dir, tmp_path):
     out = tmp_path / "ckpt"
     out.mkdir()
-    with pytest.raises(convert.ConversionError, match="already exists"):
+    with pytest.raises(ConversionError, match="already exists"):
         convert.hf_to_jax(qwen3_dir[0], out)
     convert.hf_to_jax(qwen3_dir[0], out, overwrite=True)
     assert (out / "params").is_dir()
@@ -170,7 +172,7 @@ def test_tied_checkpoint_with_a_different_lm_head_is_refused(tmp_path):
         return tensors
 
     bad = corrupt_copy(hf_dir, tmp_path / "bad", add_head)
-    with pytest.raises(convert.ConversionError, match="lm_head.weight differs"):
+    with pytest.raises(ConversionError, match="lm_head.weight differs"):
         convert.hf_to_params(bad)
     same = corrupt_copy(hf_dir, tmp_path / "same", lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"]})
     config, params = convert.hf_to_params(same)
@@ -221,7 +223,7 @@ def test_missing_shard_file_reported(qwen3_dir, tmp_path):
     sharded = hf_models.save_model(qwen3_dir[1], tmp_path / "sharded", max_shard_size="100KB")
     victim = sorted(f for f in os.listdir(sharded) if f.endswith(".safetensors"))[0]
     os.remove(os.path.join(sharded, victim))
-    with pytest.raises(convert.ConversionError, match=f"shard files that do not exist: \\['{victim}'\\]"):
+    with pytest.raises(ConversionError, match=f"shard files that do not exist: \\['{victim}'\\]"):
         convert.hf_to_params(sharded)
 
 
@@ -248,7 +250,7 @@ def test_checkpoint_round_trip_with_dtype_and_shardings(qwen3_dir, tmp_path):
         return jax.sharding.NamedSharding(mesh, jax.P(*spec))
 
     shardings = jax.tree.map(sharding, convert.param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
-    loaded_config, got = convert.load_params_checkpoint(tmp_path / "ckpt", "bfloat16", shardings)
+    loaded_config, got = load_params_checkpoint(tmp_path / "ckpt", "bfloat16", shardings)
     assert loaded_config.param_dtype == "bfloat16"
     kernel = got["layers"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding == shardings["layers"]["mlp"]["up_proj"]["kernel"]
@@ -257,8 +259,8 @@ def test_checkpoint_round_trip_with_dtype_and_shardings(qwen3_dir, tmp_path):
         lambda g, w: np.testing.assert_array_equal(np.asarray(g), w.astype(ml_dtypes.bfloat16)), got, want
     )
 
-    with pytest.raises(convert.ConversionError, match="shardings tree"):
-        convert.load_params_checkpoint(tmp_path / "ckpt", shardings={"embed_tokens": None})
+    with pytest.raises(ConversionError, match="shardings tree"):
+        load_params_checkpoint(tmp_path / "ckpt", shardings={"embed_tokens": None})
 
 
 def test_save_params_checkpoint_checks_shapes(tmp_path):
@@ -266,8 +268,8 @@ def test_save_params_checkpoint_checks_shapes(tmp_path):
     params = transformer.init_params(config, jax.random.key(1))
     params["layers"]["mlp"]["down_proj"]["kernel"] = params["layers"]["mlp"]["down_proj"]["kernel"][:, :5]
     del params["norm"]
-    with pytest.raises(convert.ConversionError) as err:
-        convert.save_params_checkpoint(tmp_path / "ckpt", config, params)
+    with pytest.raises(ConversionError) as err:
+        save_params_checkpoint(tmp_path / "ckpt", config, params)
     assert "missing param norm/scale [64]" in str(err.value)
     assert "wrong shape for layers/mlp/down_proj/kernel: got [3, 5, 64], expected [3, 128, 64]" in str(err.value)
     assert not (tmp_path / "ckpt").exists()
@@ -277,8 +279,8 @@ def test_save_and_load_trained_params(tmp_path):
     """What the trainer does: save jax params of a preset, load them back."""
     config = get_preset("tiny")
     params = transformer.init_params(config, jax.random.key(2))
-    convert.save_params_checkpoint(tmp_path / "ckpt", config, params)
-    loaded_config, loaded = convert.load_params_checkpoint(tmp_path / "ckpt")
+    save_params_checkpoint(tmp_path / "ckpt", config, params)
+    loaded_config, loaded = load_params_checkpoint(tmp_path / "ckpt")
     assert loaded_config.block_size == config.block_size
     assert loaded_config.mask_token_id == config.mask_token_id
     jax.tree.map(np.testing.assert_array_equal, loaded, params)

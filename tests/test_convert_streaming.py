@@ -14,6 +14,8 @@ import pytest
 
 from bench import convert_memory
 from sdar_jax import convert, parallel
+from sdar_jax.checkpoint.errors import ConversionError
+from sdar_jax.checkpoint.params import PARAMS_SUBDIR, load_params_checkpoint, save_params_checkpoint
 from sdar_jax.config import get_preset
 from sdar_jax.model import sharding as model_sharding
 from sdar_jax.model import transformer
@@ -31,7 +33,7 @@ def read_dir(hf_dir) -> dict[str, np.ndarray]:
 
 
 def zarray(ckpt_dir, path: str) -> dict:
-    with open(os.path.join(ckpt_dir, convert.PARAMS_SUBDIR, path, ".zarray")) as f:
+    with open(os.path.join(ckpt_dir, PARAMS_SUBDIR, path, ".zarray")) as f:
         return json.load(f)
 
 
@@ -41,7 +43,7 @@ def test_round_trip_through_a_checkpoint_is_bit_exact(tmp_path, family, tie, dty
     hf_dir, _ = hf_models.make_checkpoint(tmp_path / "hf", family, tie_word_embeddings=tie, dtype=dtype, seed=3)
     convert.hf_to_jax(hf_dir, tmp_path / "ckpt")
     _, want = convert.hf_to_params(hf_dir)
-    config, got = convert.load_params_checkpoint(tmp_path / "ckpt")
+    config, got = load_params_checkpoint(tmp_path / "ckpt")
     assert config.param_dtype == dtype
     jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), w), got, want)
     convert.jax_to_hf(tmp_path / "ckpt", tmp_path / "back", max_shard_bytes=50_000)
@@ -65,7 +67,7 @@ def test_each_stored_chunk_is_one_piece(tmp_path, monkeypatch):
     assert zarray(ckpt, "lm_head.kernel")["chunks"] == [64, 16]
     assert zarray(ckpt, "norm.scale")["chunks"] == [64]
     _, want = convert.hf_to_params(hf_dir)
-    _, got = convert.load_params_checkpoint(ckpt)
+    _, got = load_params_checkpoint(ckpt)
     jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), w), got, want)
     convert.jax_to_hf(ckpt, tmp_path / "back")
     original, written = read_dir(hf_dir), read_dir(tmp_path / "back")
@@ -87,7 +89,7 @@ def test_tied_head_that_differs_in_one_block_is_refused(tmp_path, monkeypatch):
     head = tensors["model.embed_tokens.weight"].copy()
     head[300, 5] += 1.0
     save_file({**tensors, "lm_head.weight": head}, os.path.join(hf_dir, convert.SAFETENSORS_SINGLE))
-    with pytest.raises(convert.ConversionError, match=r"lm_head.weight differs .* \(rows 288-303\)"):
+    with pytest.raises(ConversionError, match=r"lm_head.weight differs .* \(rows 288-303\)"):
         convert.hf_to_jax(hf_dir, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
 
@@ -101,7 +103,7 @@ def test_zero_tensors_are_stored(tmp_path):
     tensors["model.layers.1.mlp.up_proj.weight"][:] = 0
     save_file(tensors, os.path.join(hf_dir, convert.SAFETENSORS_SINGLE))
     convert.hf_to_jax(hf_dir, tmp_path / "ckpt")
-    _, params = convert.load_params_checkpoint(tmp_path / "ckpt")
+    _, params = load_params_checkpoint(tmp_path / "ckpt")
     assert not np.asarray(params["layers"]["mlp"]["up_proj"]["kernel"][1]).any()
 
 
@@ -109,7 +111,7 @@ def test_trainer_checkpoints_export_too(tmp_path):
     """jax_to_hf reads the OCDBT layout save_params_checkpoint (the trainer's export) writes."""
     config = get_preset("tiny")
     params = transformer.init_params(config, jax.random.key(3))
-    convert.save_params_checkpoint(tmp_path / "ckpt", config, params)
+    save_params_checkpoint(tmp_path / "ckpt", config, params)
     assert (tmp_path / "ckpt" / "params" / "manifest.ocdbt").is_file()
     convert.jax_to_hf(tmp_path / "ckpt", tmp_path / "hf")
     _, back = convert.hf_to_params(tmp_path / "hf")
@@ -123,7 +125,7 @@ def test_sharded_restore_of_a_converted_moe_checkpoint(tmp_path):
     config = convert.hf_to_jax(hf_dir, tmp_path / "ckpt")
     layout = parallel.ParallelConfig(data=2, expert=4)
     shardings = model_sharding.param_shardings(config, parallel.ShardingContext.from_config(layout))
-    _, got = convert.load_params_checkpoint(tmp_path / "ckpt", "bfloat16", shardings)
+    _, got = load_params_checkpoint(tmp_path / "ckpt", "bfloat16", shardings)
     _, want = convert.hf_to_params(hf_dir)
     gate = got["layers"]["mlp"]["gate_proj"]["kernel"]
     assert gate.sharding == shardings["layers"]["mlp"]["gate_proj"]["kernel"]
@@ -141,9 +143,9 @@ def test_large_shards_are_written_as_they_go(tmp_path):
     got = read_dir(tmp_path)
     np.testing.assert_array_equal(got["a"], np.concatenate(blocks["a"]))
     np.testing.assert_array_equal(got["b"], blocks["b"])
-    with pytest.raises(convert.ConversionError, match=r"tensor a: got 2 rows, expected 5"):
+    with pytest.raises(ConversionError, match=r"tensor a: got 2 rows, expected 5"):
         convert.write_safetensors(os.fspath(tmp_path), shapes[:1], lambda n: [np.ones((2, 3))], "float32")
-    with pytest.raises(convert.ConversionError, match=r"tensor a has shape \[2, 4\], expected \[5, 3\]"):
+    with pytest.raises(ConversionError, match=r"tensor a has shape \[2, 4\], expected \[5, 3\]"):
         convert.write_safetensors(os.fspath(tmp_path), shapes[:1], lambda n: [np.ones((2, 4))], "float32")
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sdar_jax import convert, parallel
+from sdar_jax.checkpoint.params import load_params_checkpoint
 from sdar_jax.model import sharding as model_sharding
 from sdar_jax.model import transformer
 from sdar_jax.ops.masks import MaskSpec
@@ -55,7 +56,7 @@ def converted(tmp_path_factory):
         tmp / "hf", "qwen3_moe", seed=5, rope_theta=1e6, max_shard_size="60KB"
     )
     convert.hf_to_jax(hf_dir, tmp / "ckpt")
-    config, params = convert.load_params_checkpoint(tmp / "ckpt")
+    config, params = load_params_checkpoint(tmp / "ckpt")
     assert config.is_moe and (config.num_experts, config.num_experts_per_tok) == (8, 2)
     return model, config, params, tmp / "ckpt"
 

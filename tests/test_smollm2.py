@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdar_jax import convert, convert_gguf
+from sdar_jax import convert_gguf
+from sdar_jax.checkpoint.params import load_params_checkpoint
 from tests.helpers.smollm2 import GGUF_PATH, requires_smollm2, smollm2_checkpoint
 
 pytestmark = requires_smollm2
@@ -32,7 +33,7 @@ ATOL = 1e-3
 def smollm2(tmp_path_factory):
     """(HF dir, checkpoint dir, config, params)."""
     hf_dir, ckpt_dir = smollm2_checkpoint(tmp_path_factory)
-    config, params = convert.load_params_checkpoint(ckpt_dir)
+    config, params = load_params_checkpoint(ckpt_dir)
     return hf_dir, ckpt_dir, config, params
 
 

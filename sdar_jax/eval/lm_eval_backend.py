@@ -64,7 +64,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 import jax
 
-from sdar_jax import convert, parallel
+from sdar_jax import parallel
+from sdar_jax.checkpoint.params import load_params_checkpoint
 from sdar_jax.decode.cli import add_decoding_args, decode_config_from_args, resolve_stop_ids
 from sdar_jax.decode.decoder import DecodeConfig
 from sdar_jax.data.tokenizer import load_tokenizer
@@ -206,7 +207,7 @@ class SdarJaxLM(TemplateLM):
         del device
         if not os.path.isdir(str(ckpt)):
             raise ModelArgsError(f"ckpt={ckpt!r}: no such directory (expected a params checkpoint)")
-        self.model_config, params = convert.load_params_checkpoint(str(ckpt))
+        self.model_config, params = load_params_checkpoint(str(ckpt))
         self.tokenizer = load_tokenizer(str(tokenizer or ckpt))
         self._tokenizer_dir = os.path.abspath(str(tokenizer or ckpt))
         args = parse_decoding_args(decoding)

@@ -1,7 +1,7 @@
 """Params restored straight into their shardings, and the set-up of sharded inference.
 
 A params checkpoint (`config.json` + an orbax tree under `params/`, the format
-`sdar_jax.convert.save_params_checkpoint` writes) is read with orbax, every
+`sdar_jax.checkpoint.params.save_params_checkpoint` writes) is read with orbax, every
 array restored directly with its target `NamedSharding`: tensorstore reads, on
 each process, only the slices its devices own, so no array is ever whole on
 one device (or one host) unless its sharding says so.
@@ -31,13 +31,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sdar_jax.checkpoint.dtypes import NUMPY_DTYPES
+from sdar_jax.checkpoint.params import PARAMS_SUBDIR
 from sdar_jax.config import ModelConfig, load_hf_config
-from sdar_jax.convert import PARAMS_SUBDIR
 from sdar_jax.model import sharding as model_sharding
 from sdar_jax.parallel import ParallelConfig, Rules, ShardingContext, parse_mesh_spec
-
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jax.numpy.bfloat16)}
-
 
 class RestoreError(ValueError):
     """The checkpoint cannot be restored with the requested layout."""
@@ -86,8 +84,8 @@ def restore_params(
       RestoreError: the stored tree lacks a parameter, has an extra one, or a
         shape differs (all problems in one message), or dtype is unknown.
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise RestoreError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
+    if dtype is not None and dtype not in NUMPY_DTYPES:
+        raise RestoreError(f"dtype {dtype!r} is not one of {tuple(NUMPY_DTYPES)}")
     params_dir = os.path.join(os.path.abspath(os.fspath(ckpt_dir)), PARAMS_SUBDIR)
     if not os.path.isdir(params_dir):
         raise RestoreError(f"{ckpt_dir}: not a params checkpoint (no {PARAMS_SUBDIR}/ directory)")
@@ -104,7 +102,7 @@ def restore_params(
             raise RestoreError(f"{ckpt_dir}: params do not match the model: " + "; ".join(problems))
         target = jax.tree.map(
             lambda meta, sharding: jax.ShapeDtypeStruct(
-                tuple(meta.shape), DTYPES[dtype] if dtype else meta.dtype, sharding=sharding
+                tuple(meta.shape), NUMPY_DTYPES[dtype] if dtype else meta.dtype, sharding=sharding
             ),
             shapes, shardings,
         )
@@ -154,7 +152,7 @@ def setup_inference(
     shardings = model_sharding.param_shardings(config, context)
     params = restore_params(ckpt_dir, shardings, model_sharding.param_shapes(config), dtype)
     restored_dtype = {np.dtype(leaf.dtype) for leaf in jax.tree.leaves(params)}
-    names = [name for name, dt in DTYPES.items() if {dt} == restored_dtype]
+    names = [name for name, dt in NUMPY_DTYPES.items() if {dt} == restored_dtype]
     if names:
         config = config.replace(param_dtype=names[0])
     return InferenceSetup(context=context, config=config, params=params)
