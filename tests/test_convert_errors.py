@@ -11,18 +11,21 @@ import shutil
 import jax
 import pytest
 
+import sdar_jax
 from bench.convert_memory import write_synthetic_checkpoint
 from launch import convert_checkpoint, evaluate, generate
-from sdar_jax import convert
 from sdar_jax.checkpoint import atomic
 from sdar_jax.checkpoint.errors import ConversionError
 from sdar_jax.checkpoint.params import load_params_checkpoint, save_params_checkpoint
 from sdar_jax.config import from_hf_config, get_preset, to_hf_config
+from sdar_jax.convert.from_hf import hf_to_jax
+from sdar_jax.convert.safetensors_io import SAFETENSORS_INDEX
+from sdar_jax.convert.to_hf import ExportWarning, jax_to_hf
 from sdar_jax.model import transformer
 from tests.helpers import hf_models
 from tests.helpers.shared import REFERENCE_DIR
 
-CHAR_TOKENIZER = os.path.join(os.path.dirname(convert.__file__), "data", "assets", "char_tokenizer")
+CHAR_TOKENIZER = os.path.join(os.path.dirname(sdar_jax.__file__), "data", "assets", "char_tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +36,7 @@ def hf_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, hf_dir) -> str:
     out = tmp_path_factory.mktemp("c") / "ckpt"
-    convert.hf_to_jax(hf_dir, out)
+    hf_to_jax(hf_dir, out)
     return str(out)
 
 
@@ -84,7 +87,7 @@ def test_damaged_safetensors_is_one_line_naming_the_file(hf_dir, tmp_path, capsy
 def test_garbage_index_is_one_line(hf_dir, tmp_path, capsys):
     src = tmp_path / "src"
     shutil.copytree(hf_dir, src)
-    (src / convert.SAFETENSORS_INDEX).write_text('{"weight_map": ')
+    (src / SAFETENSORS_INDEX).write_text('{"weight_map": ')
     code, err = cli(capsys, "hf-to-jax", "--hf", src, "--out", tmp_path / "ckpt")
     assert code == 2 and "not a safetensors index" in one_line_error(err)
 
@@ -302,5 +305,5 @@ def test_shifted_model_export_warns_and_says_so_in_config(tmp_path, capsys):
     assert "convert_checkpoint: warning: " in err and "cannot decode this model" in err
     back = json.loads((tmp_path / "back" / "config.json").read_text())
     assert back["logits_convention"] == "shifted"
-    with pytest.warns(convert.ExportWarning, match="logits_convention='shifted'"):
-        convert.jax_to_hf(tmp_path / "ckpt", tmp_path / "again")
+    with pytest.warns(ExportWarning, match="logits_convention='shifted'"):
+        jax_to_hf(tmp_path / "ckpt", tmp_path / "again")

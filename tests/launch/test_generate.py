@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from launch import generate as cli
-from sdar_jax import convert
 from sdar_jax.checkpoint.params import save_params_checkpoint
 from sdar_jax.config import get_preset
+from sdar_jax.convert.from_hf import hf_to_jax
 from sdar_jax.data.tokenizer import load_char_tokenizer
 from sdar_jax.decode.decoder import DecodeConfig, generate
 from sdar_jax.model import transformer
@@ -39,7 +39,7 @@ def sdar_ckpt(tmp_path_factory):
 def ar_ckpt(tmp_path_factory):
     base = tmp_path_factory.mktemp("ar")
     hf_dir, _ = hf_models.make_checkpoint(base / "hf", "qwen3", num_hidden_layers=1, seed=2)
-    convert.hf_to_jax(hf_dir, base / "ckpt", "float32")
+    hf_to_jax(hf_dir, base / "ckpt", "float32")
     return str(base / "ckpt")
 
 
