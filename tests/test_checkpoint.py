@@ -1,6 +1,6 @@
-"""sdar_jax.checkpoint: state + grain iterator + config round trip, keep-last-K,
-interval, incomplete saves ignored, resharding on restore, integrity records and
-the fallback from a damaged step to the newest intact one."""
+"""sdar_jax.checkpoint.train_state and .integrity: state + grain iterator + config
+round trip, keep-last-K, interval, incomplete saves ignored, resharding on restore,
+integrity records and the fallback from a damaged step to the newest intact one."""
 
 import glob
 import json
