@@ -33,8 +33,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from safetensors.numpy import save_file
 
-from sdar_jax import convert
+from sdar_jax.checkpoint.dtypes import NUMPY_DTYPES, numpy_dtype
+from sdar_jax.checkpoint.params import CONFIG_FILE
 from sdar_jax.config import ModelConfig, get_preset, to_hf_config
+from sdar_jax.convert.hf_rules import tensor_rules
+from sdar_jax.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, write_safetensors
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,7 +73,7 @@ def _random_tensor(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.d
 
 def write_synthetic_checkpoint(
     out_dir: str, config: ModelConfig, seed: int = 0, hf_config: Mapping[str, Any] | None = None,
-    max_shard_bytes: int = convert.DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> int:
     """A Hugging Face directory for `config` with random tensors (streamed:
     one tensor in memory at a time); returns its tensor bytes.
@@ -83,16 +86,16 @@ def write_synthetic_checkpoint(
       max_shard_bytes: the largest safetensors shard.
     """
     os.makedirs(out_dir)
-    dtype = convert.numpy_dtype(config.param_dtype)
-    tensors = [(name, rule.hf_shape) for rule in convert.tensor_rules(config)
+    dtype = numpy_dtype(config.param_dtype)
+    tensors = [(name, rule.hf_shape) for rule in tensor_rules(config)
                for name, _ in rule.instances(config)]
     shapes = dict(tensors)
     rng = np.random.default_rng(seed)
-    convert.write_safetensors(
+    write_safetensors(
         out_dir, tensors, lambda name: _random_tensor(rng, shapes[name], dtype),
         config.param_dtype, max_shard_bytes,
     )
-    with open(os.path.join(out_dir, convert.CONFIG_FILE), "w") as f:
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(dict(hf_config) if hf_config is not None else to_hf_config(config), f, indent=2)
     return sum(math.prod(shape) for _, shape in tensors) * dtype.itemsize
 
@@ -216,11 +219,11 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="sdar-1.7b", help="layer shapes (sdar_jax.config presets)")
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 9], help="layer counts to measure")
-    parser.add_argument("--dtype", choices=tuple(convert.NUMPY_DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=tuple(NUMPY_DTYPES), default="bfloat16")
     parser.add_argument("--vocab", type=int, help="override the preset's vocab_size")
     parser.add_argument("--hidden", type=int, help="override hidden_size")
     parser.add_argument("--intermediate", type=int, help="override intermediate_size")
-    parser.add_argument("--shard-bytes", type=int, default=convert.DEFAULT_MAX_SHARD_BYTES,
+    parser.add_argument("--shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES,
                         help="largest shard of the synthetic checkpoint (default 5 GiB, one file here)")
     parser.add_argument("--baseline", help="another checkout (e.g. main) whose converter runs side by side")
     parser.add_argument("--workdir", help="where the checkpoints go (default: a temporary directory)")

@@ -168,7 +168,7 @@ class _Models:
             self.stop_ids = tuple(sorted(draw.choice(np.arange(2, config.vocab_size - 1),
                                                      args.random_stop_ids, replace=False).tolist()))
             return
-        from sdar_jax import convert
+        from sdar_jax.checkpoint.params import load_params_checkpoint
         from sdar_jax.data import tasks
         from sdar_jax.data.tokenizer import load_tokenizer
 
@@ -177,7 +177,7 @@ class _Models:
         training = summary["training"]
 
         def load(stage):
-            return convert.load_params_checkpoint(training[stage]["export_dir"], args.dtype)
+            return load_params_checkpoint(training[stage]["export_dir"], args.dtype)
 
         self.ar, self.sdar4 = load("ar"), load("sdar")
         self.sdar8 = load("sdar_b8") if "sdar_b8" in training else self.sdar4

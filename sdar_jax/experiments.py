@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import ml_collections
 
-from sdar_jax import convert
+from sdar_jax.checkpoint.params import load_params_checkpoint
 from sdar_jax.data.tokenizer import Tokenizer
 from sdar_jax.decode.decoder import DecodeConfig
 from sdar_jax.eval import report, runner
@@ -116,7 +116,7 @@ def evaluate_rows(rows: Sequence[DecodeRow], exports: Mapping[str, str], tokeniz
 
     Args:
       rows: the table rows.
-      exports: model key -> params export directory (`convert` format).
+      exports: model key -> params export directory (`sdar_jax.checkpoint.params` format).
       tokenizer: encodes prompts and decodes samples.
       examples: held-out problems (`prompt`, `answer`, optional `task`).
       settings: scoring and batching.
@@ -125,7 +125,7 @@ def evaluate_rows(rows: Sequence[DecodeRow], exports: Mapping[str, str], tokeniz
     missing = sorted({r.model for r in rows} - set(exports))
     if missing:
         raise KeyError(f"evaluate_rows: rows name models {missing} with no export; have {sorted(exports)}")
-    models = {key: convert.load_params_checkpoint(exports[key]) for key in {r.model for r in rows}}
+    models = {key: load_params_checkpoint(exports[key]) for key in {r.model for r in rows}}
     results = []
     for row in rows:
         log(f"[experiments] evaluating {row.name}")
@@ -143,7 +143,7 @@ def diagnose(models: Mapping[str, tuple[str, str]], tokenizer: Tokenizer,
     out = {}
     for name, (export, mode) in models.items():
         log(f"[experiments] teacher-forced accuracy of {name} ({mode})")
-        config, params = convert.load_params_checkpoint(export)
+        config, params = load_params_checkpoint(export)
         out[name] = teacher_forcing.teacher_forced_accuracy(
             params, config, tokenizer, examples, mode=mode, block_size=block_size)
     return out

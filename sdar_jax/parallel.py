@@ -25,7 +25,7 @@ consumer reads it:
 it). Code that only sets a mesh with `jax.set_mesh` gets the default rules. A
 jitted function is traced under the context of its first call for a given
 mesh and input shardings: build jitted functions inside the context they run
-under (the trainer and `sdar_jax.sharded_restore.setup_inference` do).
+under (the trainer and `sdar_jax.checkpoint.sharded_restore.setup_inference` do).
 
 Resolving a logical name for one dimension of one array:
   * the rule's mesh axes are taken in order, skipping axes of size 1 (or

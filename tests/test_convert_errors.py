@@ -11,15 +11,21 @@ import shutil
 import jax
 import pytest
 
+import sdar_jax
 from bench.convert_memory import write_synthetic_checkpoint
 from launch import convert_checkpoint, evaluate, generate
-from sdar_jax import convert
-from sdar_jax.config import from_hf_config, get_preset
+from sdar_jax.checkpoint import atomic
+from sdar_jax.checkpoint.errors import ConversionError
+from sdar_jax.checkpoint.params import load_params_checkpoint, save_params_checkpoint
+from sdar_jax.config import from_hf_config, get_preset, to_hf_config
+from sdar_jax.convert.from_hf import hf_to_jax
+from sdar_jax.convert.safetensors_io import SAFETENSORS_INDEX
+from sdar_jax.convert.to_hf import ExportWarning, jax_to_hf
 from sdar_jax.model import transformer
 from tests.helpers import hf_models
 from tests.helpers.shared import REFERENCE_DIR
 
-CHAR_TOKENIZER = os.path.join(os.path.dirname(convert.__file__), "data", "assets", "char_tokenizer")
+CHAR_TOKENIZER = os.path.join(os.path.dirname(sdar_jax.__file__), "data", "assets", "char_tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +36,7 @@ def hf_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, hf_dir) -> str:
     out = tmp_path_factory.mktemp("c") / "ckpt"
-    convert.hf_to_jax(hf_dir, out)
+    hf_to_jax(hf_dir, out)
     return str(out)
 
 
@@ -81,7 +87,7 @@ def test_damaged_safetensors_is_one_line_naming_the_file(hf_dir, tmp_path, capsy
 def test_garbage_index_is_one_line(hf_dir, tmp_path, capsys):
     src = tmp_path / "src"
     shutil.copytree(hf_dir, src)
-    (src / convert.SAFETENSORS_INDEX).write_text('{"weight_map": ')
+    (src / SAFETENSORS_INDEX).write_text('{"weight_map": ')
     code, err = cli(capsys, "hf-to-jax", "--hf", src, "--out", tmp_path / "ckpt")
     assert code == 2 and "not a safetensors index" in one_line_error(err)
 
@@ -122,7 +128,7 @@ def test_refused_directory_creation_is_one_line(hf_dir, tmp_path, capsys, monkey
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(convert.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(atomic.tempfile, "mkdtemp", refuse)
     code, err = cli(capsys, "hf-to-jax", "--hf", hf_dir, "--out", tmp_path / "ckpt")
     assert code == 2
     assert f"{tmp_path}: cannot create the output there (Permission denied)" in one_line_error(err)
@@ -183,8 +189,8 @@ def test_half_written_checkpoint_to_jax_to_hf(ckpt, tmp_path, capsys, how):
 @pytest.mark.parametrize("how", HOWS)
 def test_half_written_checkpoint_to_load(ckpt, tmp_path, how):
     bad = _half_written(ckpt, tmp_path, how)
-    with pytest.raises(convert.ConversionError) as err:
-        convert.load_params_checkpoint(bad)
+    with pytest.raises(ConversionError) as err:
+        load_params_checkpoint(bad)
     assert bad in str(err.value) and "\n" not in str(err.value)
 
 
@@ -196,7 +202,7 @@ def char_ckpt(tmp_path_factory):
     config = get_preset("tiny", vocab_size=tokenizer.vocab_size, num_layers=1,
                         mask_token_id=tokenizer.mask_token_id)
     out = tmp_path_factory.mktemp("char") / "ckpt"
-    convert.save_params_checkpoint(out, config, transformer.init_params(config, jax.random.key(0)),
+    save_params_checkpoint(out, config, transformer.init_params(config, jax.random.key(0)),
                                    aux_dir=CHAR_TOKENIZER)
     return str(out)
 
@@ -262,7 +268,7 @@ def test_released_sdar_config_survives_the_round_trip(tmp_path, capsys, name):
 def test_sdar_moe_keeps_its_architecture(tmp_path, capsys):
     """The released SDAR-30B-A3B names SDARMoeForCausalLM / sdar_moe."""
     config = get_preset("tiny-moe", param_dtype="float32")
-    base = {**json.loads(json.dumps(convert.to_hf_config(config))), "use_cache": False, "fuse_cross_entropy": True}
+    base = {**json.loads(json.dumps(to_hf_config(config))), "use_cache": False, "fuse_cross_entropy": True}
     src = tmp_path / "src"
     write_synthetic_checkpoint(str(src), config, hf_config=base)
     assert cli(capsys, "hf-to-jax", "--hf", src, "--out", tmp_path / "ckpt")[0] == 0
@@ -293,11 +299,11 @@ def test_model_trained_from_scratch_exports_as_sdar(char_ckpt, tmp_path, capsys)
 
 def test_shifted_model_export_warns_and_says_so_in_config(tmp_path, capsys):
     config = get_preset("tiny", num_layers=1, logits_convention="shifted")
-    convert.save_params_checkpoint(tmp_path / "ckpt", config, transformer.init_params(config, jax.random.key(0)))
+    save_params_checkpoint(tmp_path / "ckpt", config, transformer.init_params(config, jax.random.key(0)))
     code, err = cli(capsys, "jax-to-hf", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "back")
     assert code == 0
     assert "convert_checkpoint: warning: " in err and "cannot decode this model" in err
     back = json.loads((tmp_path / "back" / "config.json").read_text())
     assert back["logits_convention"] == "shifted"
-    with pytest.warns(convert.ExportWarning, match="logits_convention='shifted'"):
-        convert.jax_to_hf(tmp_path / "ckpt", tmp_path / "again")
+    with pytest.warns(ExportWarning, match="logits_convention='shifted'"):
+        jax_to_hf(tmp_path / "ckpt", tmp_path / "again")

@@ -1,6 +1,6 @@
 """GGUF -> Hugging Face on a synthetic file: a tiny random Llama written the
 way llama.cpp's converter writes it (renamed tensors, q/k rows permuted, one
-tensor quantised), read back by sdar_jax.convert_gguf."""
+tensor quantised), read back by sdar_jax.from_gguf."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import os
 import numpy as np
 import pytest
 
-from sdar_jax import convert, convert_gguf
+from sdar_jax.convert import from_gguf
+from sdar_jax.convert.from_hf import hf_to_params
+from sdar_jax.convert.safetensors_io import find_safetensors
 from tests.helpers import hf_models
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is needed to write GGUF files")
 
-LAYER_NAMES = {v: k for k, v in convert_gguf._LAYER_NAMES.items()}
+LAYER_NAMES = {v: k for k, v in from_gguf._LAYER_NAMES.items()}
 CONTROL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
@@ -69,7 +71,7 @@ def write_gguf(path, model, arch: str = "llama", tokenizer_model: str = "gpt2") 
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_chat_template(TEMPLATE)
-    inverse = {v: k for k, v in convert_gguf._GLOBAL_NAMES.items()}
+    inverse = {v: k for k, v in from_gguf._GLOBAL_NAMES.items()}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # tied: llama.cpp writes no output.weight
@@ -104,9 +106,9 @@ def synthetic(tmp_path_factory):
 
 def test_tensors_come_back_in_hf_layout(synthetic, tmp_path):
     tmp, model = synthetic
-    config = convert_gguf.gguf_to_hf(tmp / "tiny.gguf", tmp_path / "hf", max_shard_bytes=200_000)
+    config = from_gguf.gguf_to_hf(tmp / "tiny.gguf", tmp_path / "hf", max_shard_bytes=200_000)
     assert config["tie_word_embeddings"] and config["rope_theta"] == 1e5
-    files = {n: p for n, p in convert.find_safetensors(tmp_path / "hf").items()}
+    files = {n: p for n, p in find_safetensors(tmp_path / "hf").items()}
     assert len(set(files.values())) > 1  # sharded, with an index
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     assert sorted(files) == sorted(state)
@@ -122,7 +124,7 @@ def test_tensors_come_back_in_hf_layout(synthetic, tmp_path):
         want = quantised if name == "model.embed_tokens.weight" else state[name].numpy()
         np.testing.assert_array_equal(got, want, err_msg=name)
     # The directory is valid converter input.
-    cfg, params = convert.hf_to_params(tmp_path / "hf")
+    cfg, params = hf_to_params(tmp_path / "hf")
     assert cfg.model_type == "llama" and not cfg.qk_norm and "lm_head" not in params
 
 
@@ -132,7 +134,7 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(synthetic, tmp_path):
     from sdar_jax.data.tokenizer import load_tokenizer
 
     tmp, _ = synthetic
-    convert_gguf.gguf_to_hf(tmp / "tiny.gguf", tmp_path / "hf")
+    from_gguf.gguf_to_hf(tmp / "tiny.gguf", tmp_path / "hf")
     ours = load_tokenizer(tmp_path / "hf")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp, gguf_file="tiny.gguf")
     for text in ["abcd efgh", "hello world 123", "<|im_start|>user\nzz<|im_end|>", "ça va? ß"]:
@@ -149,11 +151,11 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(synthetic, tmp_path):
 def test_unsupported_files_are_refused(tmp_path, synthetic):
     _, model = synthetic
     write_gguf(tmp_path / "gpt.gguf", model, arch="gpt2")
-    with pytest.raises(convert_gguf.GGUFError, match="general.architecture is 'gpt2'"):
-        convert_gguf.gguf_to_hf(tmp_path / "gpt.gguf", tmp_path / "out")
+    with pytest.raises(from_gguf.GGUFError, match="general.architecture is 'gpt2'"):
+        from_gguf.gguf_to_hf(tmp_path / "gpt.gguf", tmp_path / "out")
     write_gguf(tmp_path / "spm.gguf", model, tokenizer_model="llama")
-    with pytest.raises(convert_gguf.GGUFError, match="tokenizer.ggml.model is 'llama'"):
-        convert_gguf.gguf_to_hf(tmp_path / "spm.gguf", tmp_path / "out")
+    with pytest.raises(from_gguf.GGUFError, match="tokenizer.ggml.model is 'llama'"):
+        from_gguf.gguf_to_hf(tmp_path / "spm.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert sorted(os.listdir(tmp_path)) == ["gpt.gguf", "spm.gguf"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdar_jax import convert
+from sdar_jax.convert.safetensors_io import SAFETENSORS_INDEX
 from tests.helpers import hf_models
 from tests.helpers.parity import (
     convert_with_cli, export_with_cli, packed_layout, reference_mask, sdar_logits,
@@ -93,7 +93,7 @@ def test_export_back_reproduces_transformers(converted, tmp_path):
     model, config, _, ckpt = converted
     out = tmp_path / "exported"
     export_with_cli(ckpt, out, "--max-shard-size", "60KB")
-    assert (out / convert.SAFETENSORS_INDEX).is_file()  # small shards force an index
+    assert (out / SAFETENSORS_INDEX).is_file()  # small shards force an index
     reloaded = hf_models.load_model(out)
     original = model.state_dict()
     for name, tensor in reloaded.state_dict().items():

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from sdar_jax import convert, parallel
+from sdar_jax import parallel
+from sdar_jax.checkpoint.params import load_params_checkpoint
+from sdar_jax.convert.from_hf import hf_to_jax
+from sdar_jax.convert.to_hf import jax_to_hf
 from sdar_jax.model import sharding as model_sharding
 from sdar_jax.model import transformer
 from sdar_jax.ops.masks import MaskSpec
@@ -54,8 +57,8 @@ def converted(tmp_path_factory):
     hf_dir, model = hf_models.make_checkpoint(
         tmp / "hf", "qwen3_moe", seed=5, rope_theta=1e6, max_shard_size="60KB"
     )
-    convert.hf_to_jax(hf_dir, tmp / "ckpt")
-    config, params = convert.load_params_checkpoint(tmp / "ckpt")
+    hf_to_jax(hf_dir, tmp / "ckpt")
+    config, params = load_params_checkpoint(tmp / "ckpt")
     assert config.is_moe and (config.num_experts, config.num_experts_per_tok) == (8, 2)
     return model, config, params, tmp / "ckpt"
 
@@ -116,7 +119,7 @@ def test_expert_parallel_equals_single_device(converted):
 def test_export_back_reproduces_transformers(converted, tmp_path):
     model, config, _, ckpt = converted
     out = tmp_path / "exported"
-    convert.jax_to_hf(ckpt, out, max_shard_bytes=60_000)
+    jax_to_hf(ckpt, out, max_shard_bytes=60_000)
     reloaded = hf_models.load_model(out)
     original = model.state_dict()
     assert any("experts" in name for name in original)

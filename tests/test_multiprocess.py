@@ -22,8 +22,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from sdar_jax import distributed, parallel
+from sdar_jax.checkpoint.params import load_params_checkpoint
 from sdar_jax.distributed import DistributedConfig, DistributedConfigError, DistributedPlan
-from sdar_jax.convert import load_params_checkpoint
 from sdar_jax.model import sharding as model_sharding
 from sdar_jax.model import transformer
 from sdar_jax.train import config as run_config

@@ -17,14 +17,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from sdar_jax import parallel
+from sdar_jax.checkpoint.params import save_params_checkpoint
+from sdar_jax.checkpoint.sharded_restore import RestoreError, restore_params, setup_inference, to_host
 from sdar_jax.config import get_preset
-from sdar_jax.convert import save_params_checkpoint
 from sdar_jax.decode import strategies
 from sdar_jax.decode.decoder import DecodeConfig, generate
 from sdar_jax.model import sharding as model_sharding
 from sdar_jax.model import transformer
 from sdar_jax.parallel import ParallelConfig, ParallelConfigError
-from sdar_jax.sharded_restore import RestoreError, restore_params, setup_inference, to_host
+from sdar_jax.checkpoint.sharded_restore import RestoreError, restore_params, setup_inference, to_host
 from tests.helpers.compilation import fast_compilation  # noqa: F401 - autouse fixture
 
 # One decode config per strategy (the staged SAID ones need their own budgets).

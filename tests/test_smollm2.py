@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdar_jax import convert, convert_gguf
+from sdar_jax.checkpoint.params import load_params_checkpoint
+from sdar_jax.convert import from_gguf
 from tests.helpers.smollm2 import GGUF_PATH, requires_smollm2, smollm2_checkpoint
 
 pytestmark = requires_smollm2
@@ -32,7 +33,7 @@ ATOL = 1e-3
 def smollm2(tmp_path_factory):
     """(HF dir, checkpoint dir, config, params)."""
     hf_dir, ckpt_dir = smollm2_checkpoint(tmp_path_factory)
-    config, params = convert.load_params_checkpoint(ckpt_dir)
+    config, params = load_params_checkpoint(ckpt_dir)
     return hf_dir, ckpt_dir, config, params
 
 
@@ -74,7 +75,7 @@ def test_qk_unpermutation_matches_transformers():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     reader = gguf.GGUFReader(GGUF_PATH)
-    config = convert_gguf.gguf_hf_config(reader)
+    config = from_gguf.gguf_hf_config(reader)
     processor = LlamaTensorProcessor(config=config)
     wanted = {"blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.7.attn_k.weight"}
     for tensor in reader.tensors:
@@ -82,7 +83,7 @@ def test_qk_unpermutation_matches_transformers():
             continue
         raw = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         heads = config["num_attention_heads" if "attn_q" in tensor.name else "num_key_value_heads"]
-        ours = convert_gguf.unpermute_rows(raw, heads)
+        ours = from_gguf.unpermute_rows(raw, heads)
         theirs = processor.process(raw, tensor.name).weights
         np.testing.assert_array_equal(ours, theirs)
         assert not np.array_equal(ours, raw)

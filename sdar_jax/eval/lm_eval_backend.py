@@ -62,7 +62,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("sdar_jax's lm-eval backend needs lm-eval: pip install -e .[lm-eval] "
                       f"(importing it failed: {e})") from e
 
-from sdar_jax import convert, parallel, sharded_restore
+from sdar_jax import parallel
+from sdar_jax.checkpoint import sharded_restore
+from sdar_jax.checkpoint.params import load_params_checkpoint
 from sdar_jax.decode.cli import add_decoding_args, decode_config_from_args, resolve_stop_ids
 from sdar_jax.decode.decoder import DecodeConfig
 from sdar_jax.data.tokenizer import load_tokenizer
@@ -207,7 +209,7 @@ class SdarJaxLM(TemplateLM):
         self.sharding_context = None
         self.mesh_spec = mesh
         if mesh is None:
-            self.model_config, params = convert.load_params_checkpoint(str(ckpt))
+            self.model_config, params = load_params_checkpoint(str(ckpt))
         else:
             pconfig = parse_mesh(mesh)
             try:

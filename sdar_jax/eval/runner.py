@@ -46,7 +46,7 @@ from sdar_jax.config import ModelConfig
 from sdar_jax.data.tokenizer import Tokenizer
 from sdar_jax.decode import decoder
 from sdar_jax.eval import answers, metrics
-from sdar_jax.sharded_restore import to_host
+from sdar_jax.checkpoint.sharded_restore import to_host
 
 # JAX's duration events for tracing, lowering and compiling a computation.
 _COMPILE_EVENTS = (

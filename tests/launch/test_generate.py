@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from launch import generate as cli
-from sdar_jax import convert
+from sdar_jax.checkpoint.params import save_params_checkpoint
 from sdar_jax.config import get_preset
+from sdar_jax.convert.from_hf import hf_to_jax
 from sdar_jax.data.tokenizer import load_char_tokenizer
 from sdar_jax.decode.decoder import DecodeConfig, generate
 from sdar_jax.model import transformer
@@ -29,7 +30,7 @@ def sdar_ckpt(tmp_path_factory):
     params = transformer.init_params(config, jax.random.key(1))
     params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 20
     out = tmp_path_factory.mktemp("sdar") / "ckpt"
-    convert.save_params_checkpoint(out, config, jax.device_get(params),
+    save_params_checkpoint(out, config, jax.device_get(params),
                                    aux_dir=os.path.abspath(CHAR_TOKENIZER))
     return str(out), config, params, tokenizer
 
@@ -38,7 +39,7 @@ def sdar_ckpt(tmp_path_factory):
 def ar_ckpt(tmp_path_factory):
     base = tmp_path_factory.mktemp("ar")
     hf_dir, _ = hf_models.make_checkpoint(base / "hf", "qwen3", num_hidden_layers=1, seed=2)
-    convert.hf_to_jax(hf_dir, base / "ckpt", "float32")
+    hf_to_jax(hf_dir, base / "ckpt", "float32")
     return str(base / "ckpt")
 
 

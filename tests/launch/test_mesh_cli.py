@@ -14,7 +14,7 @@ import jax
 import pytest
 
 from launch import evaluate, generate
-from sdar_jax import convert
+from sdar_jax.checkpoint.params import save_params_checkpoint
 from sdar_jax.config import get_preset
 from sdar_jax.data import tasks
 from sdar_jax.data.tokenizer import CHAR_TOKENIZER_DIR
@@ -40,7 +40,7 @@ def workdir(tmp_path_factory):
         config = get_preset(preset, vocab_size=103, num_layers=1, mask_token_id=4, eos_token_id=1,
                             bos_token_id=1)
         params = jax.device_get(transformer.init_params(config, jax.random.key(seed)))
-        convert.save_params_checkpoint(tmp / preset, config, params, aux_dir=CHAR_TOKENIZER_DIR)
+        save_params_checkpoint(tmp / preset, config, params, aux_dir=CHAR_TOKENIZER_DIR)
     tasks.write_jsonl(tmp / "test.jsonl", tasks.load_split("test")[::80])
     (tmp / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in (
         {"prompt": "12+7="}, {"prompt_ids": [20, 21, 22, 23, 24, 25]}, {"prompt": "hello"})))

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from sdar_jax.convert import load_params_checkpoint
+from sdar_jax.checkpoint.params import load_params_checkpoint
 from sdar_jax.data.tasks import TASK_DIR
 from sdar_jax.data.tokenizer import CHAR_TOKENIZER_DIR
 

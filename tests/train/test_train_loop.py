@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from train_synthetic import synthetic_iterator, tiny_config
 
-from sdar_jax import checkpoint as checkpoint_lib
+from sdar_jax.checkpoint import integrity, train_state
 from tests.test_checkpoint import DAMAGE
+from sdar_jax.checkpoint.params import load_params_checkpoint, save_params_checkpoint
 from sdar_jax.config import to_hf_config
-from sdar_jax.convert import load_params_checkpoint, save_params_checkpoint
 from sdar_jax.model import transformer
 from sdar_jax.train import loop
 from sdar_jax.train import optimizer
@@ -103,8 +103,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
     model = run_config.model_config(config)
     tx = optimizer.make_optimizer(config.optimizer, config.train.steps)
-    abstract = checkpoint_lib.with_shardings(abstract_train_state(model, tx))
-    with checkpoint_lib.Checkpointer(tmp_path / "checkpoints", save_every=2, keep=5) as ckpt:
+    abstract = train_state.with_shardings(abstract_train_state(model, tx))
+    with train_state.Checkpointer(tmp_path / "checkpoints", save_every=2, keep=5) as ckpt:
         state, step, _ = ckpt.restore(abstract, synthetic_iterator())
     assert step == 4 and int(state.step) == 4
     assert all(bool(np.isfinite(x).all()) for x in jax.tree.leaves(state.params))
@@ -200,7 +200,7 @@ def test_damaged_latest_checkpoint_falls_back_and_matches_a_clean_run(tmp_path, 
 def test_no_intact_checkpoint_stops(tmp_path):
     _run(_config(tmp_path, 2))
     DAMAGE["flipped_bytes"](str(tmp_path / "checkpoints" / "2"))
-    with pytest.raises(checkpoint_lib.CheckpointIntegrityError, match="step 2: state/.*SHA-256"):
+    with pytest.raises(integrity.CheckpointIntegrityError, match="step 2: state/.*SHA-256"):
         _run(_config(tmp_path, 2))
 
 
@@ -280,7 +280,7 @@ def test_event_files_agree_with_checkpoints_after_kill_9(tmp_path):
         [sys.executable, "-c", _CHILD.format(here=HERE, workdir=workdir).replace("log_every=50", "log_every=1")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    sealed = os.path.join(workdir, "checkpoints", "2", checkpoint_lib.INTEGRITY_FILE)
+    sealed = os.path.join(workdir, "checkpoints", "2", integrity.INTEGRITY_FILE)
     try:
         deadline = time.monotonic() + 400
         while not os.path.exists(sealed):

@@ -1,7 +1,7 @@
 """Params restored straight into their shardings, and the set-up of sharded inference.
 
 A params checkpoint (`config.json` + an orbax tree under `params/`, the format
-`sdar_jax.convert.save_params_checkpoint` writes) is read with orbax, every
+`sdar_jax.checkpoint.params.save_params_checkpoint` writes) is read with orbax, every
 array restored directly with its target `NamedSharding`: tensorstore reads, on
 each process, only the slices its devices own, so no array is ever whole on
 one device (or one host) unless its sharding says so.
@@ -32,13 +32,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sdar_jax.checkpoint.dtypes import NUMPY_DTYPES
+from sdar_jax.checkpoint.params import PARAMS_SUBDIR, load_params_checkpoint
 from sdar_jax.config import ModelConfig, load_hf_config
-from sdar_jax.convert import PARAMS_SUBDIR, load_params_checkpoint
 from sdar_jax.model import sharding as model_sharding
 from sdar_jax.parallel import ParallelConfig, Rules, ShardingContext, parse_mesh_spec
-
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jax.numpy.bfloat16)}
-
 
 class RestoreError(ValueError):
     """The checkpoint cannot be restored with the requested layout."""
@@ -87,8 +85,8 @@ def restore_params(
       RestoreError: the stored tree lacks a parameter, has an extra one, or a
         shape differs (all problems in one message), or dtype is unknown.
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise RestoreError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
+    if dtype is not None and dtype not in NUMPY_DTYPES:
+        raise RestoreError(f"dtype {dtype!r} is not one of {tuple(NUMPY_DTYPES)}")
     params_dir = os.path.join(os.path.abspath(os.fspath(ckpt_dir)), PARAMS_SUBDIR)
     if not os.path.isdir(params_dir):
         raise RestoreError(f"{ckpt_dir}: not a params checkpoint (no {PARAMS_SUBDIR}/ directory)")
@@ -105,7 +103,7 @@ def restore_params(
             raise RestoreError(f"{ckpt_dir}: params do not match the model: " + "; ".join(problems))
         target = jax.tree.map(
             lambda meta, sharding: jax.ShapeDtypeStruct(
-                tuple(meta.shape), DTYPES[dtype] if dtype else meta.dtype, sharding=sharding
+                tuple(meta.shape), NUMPY_DTYPES[dtype] if dtype else meta.dtype, sharding=sharding
             ),
             shapes, shardings,
         )
@@ -155,7 +153,7 @@ def setup_inference(
     shardings = model_sharding.param_shardings(config, context)
     params = restore_params(ckpt_dir, shardings, model_sharding.param_shapes(config), dtype)
     restored_dtype = {np.dtype(leaf.dtype) for leaf in jax.tree.leaves(params)}
-    names = [name for name, dt in DTYPES.items() if {dt} == restored_dtype]
+    names = [name for name, dt in NUMPY_DTYPES.items() if {dt} == restored_dtype]
     if names:
         config = config.replace(param_dtype=names[0])
     return InferenceSetup(context=context, config=config, params=params)
@@ -176,7 +174,7 @@ class InferenceModel(NamedTuple):
 
 def load_for_inference(ckpt_dir: str | os.PathLike, mesh: str | None = None) -> InferenceModel:
     """What `--mesh` selects for generate and evaluate: without a mesh the params are read whole
-    onto the first local device (`convert.load_params_checkpoint`); with one, `setup_inference`
+    onto the first local device (`checkpoint.params.load_params_checkpoint`); with one, `setup_inference`
     restores each straight into its sharding.
 
     Raises:

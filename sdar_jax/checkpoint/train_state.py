@@ -16,9 +16,8 @@ steps are kept, and a step directory appears under its final name only once
 every item is written (orbax's temporary-directory + rename), so a crash
 mid-save never leaves a half checkpoint that `latest_step` would pick.
 
-Integrity: orbax checksums only its shard indices, not the data (a flipped
-byte in a parameter restores silently), so every step also records
-`sdar_integrity.json`: the size and SHA-256 of each of its files. It is
+Integrity (`sdar_jax.checkpoint.integrity`): every step also records
+`sdar_integrity.json`, the size and SHA-256 of each of its files. It is
 written into orbax's staging directory after every item is finalised and
 before the directory is renamed to its final name (asynchronous saves; a
 synchronous save seals the final directory right after), so a step without it
@@ -33,8 +32,6 @@ run can save that step again. When no step is intact it raises
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import logging
 import os
 import threading
@@ -42,40 +39,25 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import grain.checkpoint
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from sdar_jax.checkpoint.errors import first_line
+from sdar_jax.checkpoint.integrity import (
+    INTEGRITY_FILE,
+    CheckpointIntegrityError,
+    DamagedStep,
+    first_non_finite,
+    verify_step_files,
+    write_integrity_record,
+)
+
 STATE, DATA, CONFIG = "state", "data", "config"
-INTEGRITY_FILE = "sdar_integrity.json"
-INTEGRITY_FORMAT = 1
 DAMAGED_SUFFIX = ".damaged"
 # orbax stages a step in `<step>.orbax-checkpoint-tmp...` and renames it when done.
 _STAGING_SUFFIX = ".orbax-checkpoint-tmp"
-# Step-level files orbax writes or rewrites when it commits the step (after the
-# record is sealed): its bookkeeping, not needed to restore the items.
-_UNRECORDED = frozenset({INTEGRITY_FILE, "_CHECKPOINT_METADATA", "commit_success.txt"})
 
 _log = logging.getLogger(__name__)
-
-
-class CheckpointIntegrityError(RuntimeError):
-    """No checkpoint step in a directory is intact; `damaged` says what was wrong with each."""
-
-    def __init__(self, directory: str, damaged: list["DamagedStep"]):
-        self.directory = directory
-        self.damaged = damaged
-        found = "; ".join(f"step {d.step}: {d.problem}" for d in damaged)
-        super().__init__(
-            f"no intact checkpoint in {directory} (found {found}); move the directory away to "
-            "start afresh, or restore an intact copy")
-
-
-class DamagedStep(NamedTuple):
-    """A step that failed verification: `problem` names the file or leaf."""
-
-    step: int
-    problem: str
 
 
 class Restored(NamedTuple):
@@ -84,81 +66,6 @@ class Restored(NamedTuple):
     state: Any
     step: int
     damaged: tuple[DamagedStep, ...] = ()
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _files(directory: str) -> list[str]:
-    """Paths of every file under `directory` (relative, sorted), but the step-level
-    files of `_UNRECORDED`."""
-    found = []
-    for root, _, names in os.walk(directory):
-        for name in names:
-            rel = os.path.relpath(os.path.join(root, name), directory)
-            if rel not in _UNRECORDED:
-                found.append(rel)
-    return sorted(found)
-
-
-def write_integrity_record(step_dir: str, step: int) -> None:
-    """Writes `<step_dir>/sdar_integrity.json` (size + SHA-256 of every file), atomically."""
-    files = {}
-    for rel in _files(step_dir):
-        path = os.path.join(step_dir, rel)
-        files[rel] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-    record = {"format": INTEGRITY_FORMAT, "step": step, "algorithm": "sha256", "files": files}
-    target = os.path.join(step_dir, INTEGRITY_FILE)
-    with open(target + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(target + ".tmp", target)
-
-
-def verify_step_files(step_dir: str) -> str | None:
-    """None when every file of the step's integrity record is there with its size and
-    checksum; else what is wrong, naming the file."""
-    try:
-        with open(os.path.join(step_dir, INTEGRITY_FILE), encoding="utf-8") as f:
-            record = json.load(f)
-        files = record["files"]
-        if not isinstance(files, dict) or not files:
-            raise ValueError("it lists no files")
-    except FileNotFoundError:
-        return f"{INTEGRITY_FILE} is missing (the save was interrupted, or predates integrity records)"
-    except (ValueError, KeyError, TypeError) as e:
-        return f"{INTEGRITY_FILE} is unreadable ({e})"
-    for rel, entry in sorted(files.items()):
-        path = os.path.join(step_dir, rel)
-        if not os.path.isfile(path):
-            return f"{rel} is missing"
-        size = os.path.getsize(path)
-        if size != entry["bytes"]:
-            return f"{rel} has {size} bytes where {entry['bytes']} were written (truncated?)"
-        if _sha256(path) != entry["sha256"]:
-            return f"{rel} does not match its SHA-256 (corrupted)"
-    return None
-
-
-def first_non_finite(state: Any) -> str | None:
-    """The path of the first floating-point leaf holding NaN/inf, or None."""
-    leaves = [
-        (path, x) for path, x in jax.tree_util.tree_flatten_with_path(state)[0]
-        if jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    finite = jax.device_get([jnp.isfinite(x).all() for _, x in leaves])
-    for (path, _), ok in zip(leaves, finite):
-        if not ok:
-            return jax.tree_util.keystr(path)
-    return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 class Checkpointer:
@@ -326,7 +233,7 @@ class Checkpointer:
                         }),
                     )
                 except Exception as e:  # noqa: BLE001 - any failure to read makes the step unusable
-                    problem = f"restoring it failed ({_first_line(e)})"
+                    problem = f"restoring it failed ({first_line(e)})"
                 else:
                     leaf = first_non_finite(restored[STATE])
                     if leaf is None:

