@@ -72,7 +72,8 @@ import numpy as np
 from sdar_jax import perf
 from sdar_jax.config import get_preset
 from sdar_jax.decode import cli as decode_cli
-from sdar_jax.ops import attention, kernel_check, masks, pallas_attention, pallas_decode, pallas_gpu
+from sdar_jax.ops import attention, kernel_check, masks, pallas_decode, pallas_gpu
+from sdar_jax.ops.xla_attention import xla_attention
 
 TOLERANCES = {
     "float32": {"out": 1e-4, "dq": 1e-4, "dk": 1e-4, "dv": 1e-4},
@@ -216,33 +217,32 @@ def environment(plan_name: str) -> dict:
 
 def _training_check(plan: Plan, dtype: str, block: int, interpret: bool) -> dict:
     mask = masks.block_diffusion(block)
-    kw = kernel_check.training_inputs(block, mask=mask, batch=plan.check_batch, length=plan.check_length,
-                                      n_segments=3)
+    ids = kernel_check.training_inputs(block, mask=mask, batch=plan.check_batch, length=plan.check_length,
+                                       n_segments=3)
     row = 2 * plan.check_length
     q, k, v, dout = kernel_check.qkv(block, plan.check_batch, row, row, plan.heads, plan.kv_heads,
                                      plan.head_dim, jnp.dtype(dtype))
     kernel = jax.jit(lambda q, k, v, dout: kernel_check.output_and_grads(
-        lambda q, k, v: pallas_attention.pallas_attention(q, k, v, **kw, backend="gpu", interpret=interpret),
+        lambda q, k, v: attention.attention(q, k, v, ids, impl="pallas", backend="gpu", interpret=interpret),
         q, k, v, dout))
     precision = "highest" if dtype == "float32" else None
     with jax.default_matmul_precision(precision):
         got = kernel(q, k, v, dout)
-    errors = kernel_check.relative_errors(got, kernel_check.reference(q, k, v, dout, kw))
+    errors = kernel_check.relative_errors(got, kernel_check.reference(q, k, v, dout, ids))
     return _judge(dict(zip(("out", "dq", "dk", "dv"), errors)), dtype)
 
 
 def _decode_check(plan: Plan, dtype: str, block: int, interpret: bool) -> dict:
-    kw = kernel_check.decode_inputs(block, batch=plan.decode_check_batch, block_size=block,
-                                    max_len=plan.decode_check_cache)
+    ids = kernel_check.decode_inputs(block, batch=plan.decode_check_batch, block_size=block,
+                                     max_len=plan.decode_check_cache)
     q, k, v, _ = kernel_check.qkv(block, plan.decode_check_batch, block, plan.decode_check_cache, plan.heads,
                                   plan.kv_heads, plan.head_dim, jnp.dtype(dtype))
-    kernel = jax.jit(lambda q, k, v: pallas_decode.decode_attention(q, k, v, **kw, backend="gpu",
-                                                                    interpret=interpret))
+    kernel = jax.jit(lambda q, k, v: pallas_decode.decode_attention(q, k, v, ids, interpret=interpret))
     precision = "highest" if dtype == "float32" else None
     with jax.default_matmul_precision(precision):
         got = kernel(q, k, v).astype(jnp.float32)
     with jax.default_matmul_precision("highest"):
-        want = attention.attention(*(x.astype(jnp.float32) for x in (q, k, v)), **kw, impl="xla")
+        want = xla_attention(*(x.astype(jnp.float32) for x in (q, k, v)), ids)
     return _judge({"out": kernel_check.relative_errors([got], [want])[0]}, dtype)
 
 
@@ -266,10 +266,10 @@ def correctness(plan: Plan, deadline: Deadline, interpret: bool) -> list[dict]:
 
 def _speed_inputs(plan: Plan, length: int, dtype=jnp.bfloat16):
     mask = masks.block_diffusion(4)
-    kw = kernel_check.training_inputs(0, mask=mask, batch=1, length=length, n_segments=1)
+    ids = kernel_check.training_inputs(0, mask=mask, batch=1, length=length, n_segments=1)
     q, k, v, dout = kernel_check.qkv(0, 1, 2 * length, 2 * length, plan.heads, plan.kv_heads, plan.head_dim,
                                      dtype)
-    return q, k, v, dout, kw
+    return q, k, v, dout, ids
 
 
 def _fwd_bwd(fn: Callable, dout: jnp.ndarray) -> Callable:
@@ -281,15 +281,14 @@ def attention_speed(plan: Plan, deadline: Deadline, interpret: bool) -> list[dic
     rows = []
     on_gpu = jax.default_backend() == "gpu"
     for length in plan.speed_lengths:
-        q, k, v, dout, kw = _speed_inputs(plan, length)
-        dense = masks.dense_mask(kw["mask"], kw["q_positions"], kw["kv_positions"], kw["q_segment_ids"],
-                                 kw["kv_segment_ids"])
-        pairs = perf.allowed_pairs(kw["mask"], kw["q_positions"], kw["q_segment_ids"])
+        q, k, v, dout, ids = _speed_inputs(plan, length)
+        dense = ids.dense()
+        pairs = perf.allowed_pairs(ids.spec, ids.q_positions, ids.q_segment_ids)
         useful = 3.5 * 4.0 * plan.head_dim * plan.heads * pairs  # fwd + bwd (bwd = 2.5x fwd)
         methods: dict[str, Callable] = {
-            "pallas": lambda q, k, v: pallas_attention.pallas_attention(q, k, v, **kw, backend="gpu",
-                                                                        interpret=interpret),
-            "xla dense mask": lambda q, k, v: attention.attention(q, k, v, **kw, impl="xla"),
+            "pallas": lambda q, k, v: attention.attention(q, k, v, ids, impl="pallas", backend="gpu",
+                                                          interpret=interpret),
+            "xla dense mask": lambda q, k, v: xla_attention(q, k, v, ids),
             "jax.nn (xla)": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=dense[:, None],
                                                                          implementation="xla"),
         }
@@ -317,23 +316,24 @@ def attention_speed(plan: Plan, deadline: Deadline, interpret: bool) -> list[dic
 
 
 def tile_sweep(plan: Plan, deadline: Deadline, interpret: bool) -> dict:
-    q, k, v, dout, kw = _speed_inputs(plan, plan.sweep_length)
+    q, k, v, dout, ids = _speed_inputs(plan, plan.sweep_length)
     training = []
     for grid in plan.tile_grid:
         blocks = pallas_gpu.BlockSizes(*grid)
-        fn = lambda q, k, v, blocks=blocks: pallas_attention.pallas_attention(
-            q, k, v, **kw, backend="gpu", interpret=interpret, gpu_blocks=blocks)
+        fn = lambda q, k, v, blocks=blocks: attention.attention(
+            q, k, v, ids, impl="pallas", backend="gpu", interpret=interpret,
+            tuning=attention.KernelTuning(gpu_blocks=blocks))
         result = _guarded(deadline, lambda: {"seconds": perf.median_seconds(_fwd_bwd(fn, dout), q, k, v,
                                                                             repeats=plan.repeats)})
         training.append({"blocks": dataclasses.asdict(blocks), **result})
-    decode_kw = kernel_check.decode_inputs(0, batch=plan.decode_check_batch, block_size=4,
-                                           max_len=plan.decode_check_cache)
+    decode_ids = kernel_check.decode_inputs(0, batch=plan.decode_check_batch, block_size=4,
+                                            max_len=plan.decode_check_cache)
     dq, dk, dv, _ = kernel_check.qkv(0, plan.decode_check_batch, 4, plan.decode_check_cache, plan.heads,
                                      plan.kv_heads, plan.head_dim, jnp.bfloat16)
     decode = []
     for block_k in plan.decode_tile_grid:
         fn = jax.jit(lambda q, k, v, block_k=block_k: pallas_decode.decode_attention(
-            q, k, v, **decode_kw, backend="gpu", block_k=block_k, interpret=interpret))
+            q, k, v, decode_ids, block_k=block_k, interpret=interpret))
         result = _guarded(deadline, lambda: {"seconds": perf.median_seconds(fn, dq, dk, dv, repeats=plan.repeats)})
         decode.append({"block_k": block_k, **result})
 

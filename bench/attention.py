@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from sdar_jax import perf
-from sdar_jax.ops import attention, masks, pallas_attention
+from sdar_jax.ops import attention, masks, platform
+from sdar_jax.ops.xla_attention import xla_attention
 
 
 def _commit() -> str:
@@ -35,7 +36,7 @@ def _commit() -> str:
 
 
 def _inputs(args, length: int):
-    """q, k, v, dout and the mask keyword arguments for one row length."""
+    """q, k, v, dout and the mask for one row length."""
     spec = masks.MaskSpec(args.mask, args.block_size)
     row = 2 * length if args.mask == "block_diffusion" else length
     segment_len = length // args.segments
@@ -51,21 +52,18 @@ def _inputs(args, length: int):
     k = jax.random.normal(keys[1], (args.batch, row, args.kv_heads, args.head_dim), dtype)
     v = jax.random.normal(keys[2], (args.batch, row, args.kv_heads, args.head_dim), dtype)
     dout = jax.random.normal(keys[3], q.shape, dtype)
-    kw = dict(mask=spec, q_positions=positions, kv_positions=positions,
-              q_segment_ids=segments, kv_segment_ids=segments)
-    return q, k, v, dout, kw
+    return q, k, v, dout, masks.AttentionMask.self_attention(spec, positions, segments)
 
 
-def _methods(args, kw):
+def _methods(args, mask: masks.AttentionMask):
     def pallas(q, k, v):
-        return pallas_attention.pallas_attention(q, k, v, **kw, backend=args.backend,
-                                                 interpret=args.interpret or None)
+        return attention.attention(q, k, v, mask, impl="pallas", backend=args.backend,
+                                   interpret=args.interpret or None)
 
     def xla(q, k, v):
-        return attention.attention(q, k, v, **kw, impl="xla")
+        return xla_attention(q, k, v, mask)
 
-    dense = masks.dense_mask(kw["mask"], kw["q_positions"], kw["kv_positions"],
-                             kw["q_segment_ids"], kw["kv_segment_ids"])
+    dense = mask.dense()
 
     def nn_dpa(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, mask=dense[:, None])
@@ -89,12 +87,12 @@ def _decode(args) -> None:
         q = jax.random.normal(keys[0], (args.batch, block, args.heads, args.head_dim), dtype)
         k = jax.random.normal(keys[1], (args.batch, max_len, args.kv_heads, args.head_dim), dtype)
         v = jax.random.normal(keys[2], k.shape, dtype)
-        kw = dict(mask=masks.block_causal(block), q_positions=q_pos, kv_positions=kv_pos)
+        mask = masks.AttentionMask(masks.block_causal(block), q_pos, kv_pos)
         visible_bytes = 2 * float((starts + block).sum()) * args.kv_heads * args.head_dim * dtype.itemsize
         methods = {
-            "pallas": lambda q, k, v: pallas_attention.pallas_attention(
-                q, k, v, **kw, backend=args.backend, interpret=args.interpret or None),
-            "xla": lambda q, k, v: attention.attention(q, k, v, **kw, impl="xla"),
+            "pallas": lambda q, k, v: attention.attention(
+                q, k, v, mask, impl="pallas", backend=args.backend, interpret=args.interpret or None),
+            "xla": lambda q, k, v: xla_attention(q, k, v, mask),
         }
         times = {name: perf.median_seconds(jax.jit(fn), q, k, v, repeats=args.repeats)
                  for name, fn in methods.items() if name not in args.skip}
@@ -115,7 +113,7 @@ def main() -> None:
     parser.add_argument("--mask", default="block_diffusion", choices=masks.MASK_KINDS)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--backend", choices=pallas_attention.BACKENDS, default=None,
+    parser.add_argument("--backend", choices=platform.ACCELERATORS, default=None,
                         help="kernel lowering (default: the JAX backend's; gpu when on CPU)")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke runs)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["pallas", "xla", "jax.nn"])
@@ -136,8 +134,8 @@ def main() -> None:
     header = f"{'L':>6} {'row':>6} {'dense%':>6} {'method':>7} {'fwd ms':>9} {'TFLOP/s':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'fwd x':>6} {'f+b x':>6}"
     print(header)
     for length in args.seq:
-        q, k, v, dout, kw = _inputs(args, length)
-        methods, dense = _methods(args, kw)
+        q, k, v, dout, mask = _inputs(args, length)
+        methods, dense = _methods(args, mask)
         pairs = float(dense.sum())
         fwd_flops = 4.0 * args.head_dim * args.heads * pairs
         results = {}

@@ -466,17 +466,18 @@ def test_custom_rules_reach_the_constraints_inside_the_model():
 def test_custom_rules_reach_the_pallas_shard_map():
     """The Pallas attention kernels run per device with the context's batch/heads specs and
     give the reference result under either rule set."""
-    from sdar_jax.ops import attention as attention_ops
-    from sdar_jax.ops.pallas_attention import pallas_attention
+    from sdar_jax.ops.attention import attention
+    from sdar_jax.ops.masks import AttentionMask
+    from sdar_jax.ops.xla_attention import xla_attention
 
     q, k, v = (jax.random.normal(key, (8, 16, heads, 16)) for key, heads in
                zip(jax.random.split(jax.random.key(0), 3), (4, 2, 2)))
     positions = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (8, 16))
-    kw = dict(mask=MaskSpec("causal"), q_positions=positions, kv_positions=positions)
-    want = attention_ops.xla_attention(q, k, v, **kw)
+    mask = AttentionMask.self_attention(MaskSpec("causal"), positions)
+    want = xla_attention(q, k, v, mask)
     for rules, batch_axes in ((CUSTOM_RULES, ("fsdp", "data")), (None, ("data", "fsdp"))):
         # A fresh jit per context: a jitted function keeps the trace of its first context.
-        fn = jax.jit(lambda q, k, v: pallas_attention(q, k, v, **kw, backend="gpu", interpret=True))
+        fn = jax.jit(lambda q, k, v: attention(q, k, v, mask, impl="pallas", backend="gpu", interpret=True))
         extra = {} if rules is None else {"logical_rules": rules}
         context = _context(ParallelConfig(**CUSTOM_DENSE, **extra))
         assert f"in_specs=(P({batch_axes!r}, None, 'tensor', None)," in _traced(context, fn, q, k, v)

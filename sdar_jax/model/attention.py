@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from sdar_jax.config import ModelConfig
 from sdar_jax.model.layers import RMSNorm, dense_init, dtype_of, logical_init, rotary_embedding
 from sdar_jax.ops import attention as attention_ops
-from sdar_jax.ops.masks import MaskSpec
+from sdar_jax.ops.masks import AttentionMask, MaskSpec
 
 
 def write_cache(cache: jnp.ndarray, new: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
@@ -24,15 +24,6 @@ def write_cache(cache: jnp.ndarray, new: jnp.ndarray, positions: jnp.ndarray) ->
     """
     rows = jnp.arange(cache.shape[0])[:, None]
     return cache.at[rows, positions].set(new.astype(cache.dtype))
-
-
-def resolve_impl(name: str) -> str:
-    """'auto' means the Pallas kernels on accelerators and XLA on CPU."""
-    if name != "auto":
-        return name
-    import jax
-
-    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
 
 
 class Attention(nn.Module):
@@ -83,7 +74,7 @@ class Attention(nn.Module):
         k = rotary_embedding(k, positions, cfg.rope_theta)
 
         if cache is None:
-            kv_positions, kv_segment_ids = positions, segment_ids
+            mask = AttentionMask.self_attention(self.mask, positions, segment_ids)
             new_cache = None
         else:
             cache_k = write_cache(cache[0], k, positions)
@@ -92,17 +83,9 @@ class Attention(nn.Module):
             k, v = cache_k.astype(dtype), cache_v.astype(dtype)
             batch, max_len = cache_k.shape[:2]
             kv_positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
-            segment_ids, kv_segment_ids = None, None
+            mask = AttentionMask(self.mask, positions, kv_positions)
 
-        out = attention_ops.attention(
-            q, k, v,
-            mask=self.mask,
-            q_positions=positions,
-            kv_positions=kv_positions,
-            q_segment_ids=segment_ids,
-            kv_segment_ids=kv_segment_ids,
-            impl=resolve_impl(cfg.attention_impl),
-        )
+        out = attention_ops.attention(q, k, v, mask, impl=cfg.attention_impl)
         out = nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=param_dtype,
             kernel_init=logical_init(dense_init(), ("heads", "head_dim", "embed")), name="o_proj",

@@ -13,11 +13,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from sdar_jax.config import DTYPES
 
 
 def dtype_of(name: str) -> jnp.dtype:
-    return DTYPES[name]
+    """The jnp scalar type named by a config dtype field (one of `config.DTYPES`)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {DTYPES}")
+    return getattr(jnp, name)
 
 
 def logical_init(init: nn.initializers.Initializer, names: Sequence[str | None]):

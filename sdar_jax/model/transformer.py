@@ -15,19 +15,20 @@ import jax
 import jax.numpy as jnp
 
 from sdar_jax import parallel
-from sdar_jax.config import ModelConfig
+from sdar_jax.config import REMAT_POLICIES, ModelConfig
 from sdar_jax.model.attention import Attention
 from sdar_jax.model.layers import RMSNorm, SwiGLU, dense_init, dtype_of, logical_init
 from sdar_jax.model.moe import MoeMLP
 from sdar_jax.ops.masks import MaskSpec
 from sdar_jax.ops.moe import RouterStats, load_balancing_loss
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+
+def remat_policy(name: str) -> Any:
+    """The `jax.checkpoint_policies` entry of a config remat policy name (one of
+    `config.REMAT_POLICIES`): "full" saves nothing, the others are named as in JAX."""
+    if name not in REMAT_POLICIES or name == "none":
+        raise ValueError(f"remat_policy {name!r} names no policy; expected one of {REMAT_POLICIES} but 'none'")
+    return getattr(jax.checkpoint_policies, "nothing_saveable" if name == "full" else name)
 
 
 @flax.struct.dataclass
@@ -153,9 +154,8 @@ class Transformer(nn.Module):
         x = embed(tokens)
 
         layer_cls = DecoderLayer
-        policy = REMAT_POLICIES[cfg.remat_policy]
         if cfg.remat_policy != "none":
-            layer_cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
+            layer_cls = nn.remat(DecoderLayer, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
         layers = nn.scan(
             layer_cls,
             variable_axes={"params": 0},

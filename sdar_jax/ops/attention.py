@@ -1,37 +1,71 @@
-"""The single attention entry point.
+"""The attention entry point: resolves the implementation and picks one kernel, in one step.
 
-`attention` dispatches to an implementation by name. "xla" is the plain
-reference: a dense mask from `masks.dense_mask`, einsum scores and a float32
-softmax, with grouped-query attention done by grouping query heads (K/V are
-never repeated). Kernels register further implementations and are tested
-against it.
+`impl` is "xla" (`xla_attention`, the dense-mask reference), "pallas" (the
+block-sparse kernels) or "auto" (Pallas on a GPU or TPU, XLA on CPU; see
+`sdar_jax.ops.platform`). For "pallas" the kernel follows the lowering and
+the call shape:
+
+  GPU  self-attention / training, any mask and positions: `pallas_gpu.flash_attention`
+       (Triton; forward + custom_vjp backward).
+       A few queries against a cache (q_len != kv_len, q_len * groups <= 64, not
+       block_diffusion): `pallas_decode.decode_attention` (split-K, forward only).
+  TPU  self-attention (q_len == kv_len): `pallas_tpu.splash_attention`, which
+       refuses non-canonical positions (see `sdar_jax.ops.pallas_tpu`).
+       Against a cache: `pallas_tpu.cache_attention` (forward only).
+  CPU  the GPU kernels in the Pallas interpreter (for tests; slow).
+  A head_dim the compiled kernels cannot tile (TPU: not a multiple of 128; GPU:
+  not a power of two >= 16) falls back to the XLA reference, with a warning.
+
+`interpret=True` with `backend="gpu"` or `"tpu"` runs that lowering's kernels in
+the interpreter, which is how the tests check both on a CPU machine.
+
+A `pallas_call` is opaque to GSPMD, which would gather its operands onto every
+device. With a mesh set (the run's `sdar_jax.parallel.ShardingContext`, as the
+trainer and sharded inference activate it) the kernels therefore run inside
+`shard_map` with the context's specs (`ShardingContext.attention_specs`): the
+batch split over the `batch` rule's axes and the heads over the `heads`
+rule's, each device attending over its own rows and heads. A dimension its
+axes do not divide is replicated over them instead.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 
-from sdar_jax.ops import masks
+from sdar_jax import parallel
+from sdar_jax.config import ATTENTION_IMPLS
+from sdar_jax.ops import pallas_decode, pallas_gpu, platform
+from sdar_jax.ops.masks import AttentionMask
+from sdar_jax.ops.xla_attention import xla_attention
 
-AttentionFn = Callable[..., jnp.ndarray]
-_IMPLEMENTATIONS: dict[str, AttentionFn] = {}
+logger = logging.getLogger(__name__)
 
-
-def register(name: str) -> Callable[[AttentionFn], AttentionFn]:
-    """Decorator registering an attention implementation under `name`."""
-
-    def wrap(fn: AttentionFn) -> AttentionFn:
-        _IMPLEMENTATIONS[name] = fn
-        return fn
-
-    return wrap
+BACKENDS = platform.ACCELERATORS
 
 
-def available() -> tuple[str, ...]:
-    return tuple(sorted(_IMPLEMENTATIONS))
+@dataclasses.dataclass(frozen=True)
+class KernelTuning:
+    """Tile sizes of the Pallas kernels (tuning; the defaults suit the released shapes).
+
+    Attributes:
+      gpu_blocks: tiles of the GPU training / prefill kernels.
+      decode_block_k: cache tile length of the decode kernels (None: 64 on GPU, 512 on TPU).
+      decode_splits: GPU decode: parallel chunks per row (None: fill the device).
+    """
+
+    gpu_blocks: pallas_gpu.BlockSizes = pallas_gpu.BlockSizes()
+    decode_block_k: int | None = None
+    decode_splits: int | None = None
+
+
+def resolve_impl(impl: str) -> str:
+    """"auto" -> "pallas" on a GPU or TPU, "xla" elsewhere; other names checked and kept."""
+    return platform.resolve(impl, ATTENTION_IMPLS, accelerated="pallas", portable="xla", what="attention")
 
 
 def _check_shapes(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> None:
@@ -50,81 +84,82 @@ def _check_shapes(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> None:
         )
 
 
-@register("xla")
-def xla_attention(
-    q: jnp.ndarray,
-    k: jnp.ndarray,
-    v: jnp.ndarray,
-    *,
-    mask: masks.MaskSpec,
-    q_positions: jnp.ndarray,
-    kv_positions: jnp.ndarray,
-    q_segment_ids: jnp.ndarray | None = None,
-    kv_segment_ids: jnp.ndarray | None = None,
-) -> jnp.ndarray:
-    """Reference masked attention; see `attention` for the arguments."""
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    groups = heads // kv_heads
-    allowed = masks.dense_mask(mask, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
-    q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim**-0.5)
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    # A query with no visible key (only possible for padding) gets zeros, not a uniform mix.
-    probs = jnp.where(allowed[:, None, None].any(-1, keepdims=True), probs, 0.0)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v)
-    return out.reshape(batch, q_len, heads, head_dim)
-
-
-@register("pallas")
-def pallas_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, **kwargs) -> jnp.ndarray:
-    """Block-sparse Pallas kernels, lowered for the current backend (interpreted on CPU).
-
-    See `sdar_jax.ops.pallas_attention`; imported lazily so the XLA path never
-    loads the kernel modules.
-    """
-    from sdar_jax.ops import pallas_attention as kernels
-
-    return kernels.pallas_attention(q, k, v, **kwargs)
-
-
 def attention(
     q: jnp.ndarray,
     k: jnp.ndarray,
     v: jnp.ndarray,
+    mask: AttentionMask,
     *,
-    mask: masks.MaskSpec,
-    q_positions: jnp.ndarray,
-    kv_positions: jnp.ndarray,
-    q_segment_ids: jnp.ndarray | None = None,
-    kv_segment_ids: jnp.ndarray | None = None,
     impl: str = "xla",
+    backend: str | None = None,
+    interpret: bool | None = None,
+    tuning: KernelTuning = KernelTuning(),
 ) -> jnp.ndarray:
     """Masked multi-head attention with grouped K/V heads.
 
     Args:
       q: [batch, q_len, heads, head_dim] queries (already rotated and normed).
       k, v: [batch, kv_len, kv_heads, head_dim]; heads % kv_heads == 0.
-      mask: the mask description (see `sdar_jax.ops.masks`).
-      q_positions: [batch, q_len] int32 position ids.
-      kv_positions: [batch, kv_len] int32 position ids.
-      q_segment_ids, kv_segment_ids: [batch, q_len] / [batch, kv_len] int32
-        packing segments, or None.
-      impl: implementation name ("xla", or a registered kernel).
+      mask: the mask description with its position and segment ids
+        ([batch, q_len] / [batch, kv_len] int32).
+      impl: "xla", "pallas" or "auto" (module docstring).
+      backend: "pallas" only: the "gpu" or "tpu" lowering; None: the default
+        JAX backend's ("gpu" kernels interpreted when that is the CPU).
+      interpret: "pallas" only: run in the Pallas interpreter; None: only when
+        the default JAX backend is not an accelerator.
+      tuning: "pallas" only: kernel tile sizes.
 
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype; softmax scale head_dim**-0.5.
     """
     _check_shapes(q, k, v)
-    if impl not in _IMPLEMENTATIONS:
-        raise ValueError(f"attention impl {impl!r} is unknown; available: {available()}")
-    return _IMPLEMENTATIONS[impl](
-        q, k, v,
-        mask=mask,
-        q_positions=q_positions,
-        kv_positions=kv_positions,
-        q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids,
-    )
+    if resolve_impl(impl) == "xla":
+        return xla_attention(q, k, v, mask)
+    mask.check(q.shape[0], q.shape[1], k.shape[1], "attention")
+    accelerator = platform.accelerator()
+    backend = backend or accelerator or "gpu"
+    if backend not in BACKENDS:
+        raise ValueError(f"attention: backend {backend!r} is not one of {BACKENDS}")
+    local = functools.partial(_kernel, backend=backend,
+                              interpret=accelerator is None if interpret is None else interpret,
+                              tuning=tuning)
+    context = parallel.current_context()
+    if context is None:
+        return local(q, k, v, mask)
+    rows, meta = context.attention_specs(q.shape[0], q.shape[2], k.shape[2])
+    mask_specs = jax.tree.map(lambda _: meta, mask)  # absent segment ids stay None
+    return jax.shard_map(local, mesh=context.mesh, in_specs=(rows, rows, rows, mask_specs),
+                         out_specs=rows, check_vma=False)(q, k, v, mask)
+
+
+def _kernel_head_dim(backend: str, head_dim: int) -> bool:
+    """Triton tiles need a power of two (>= 16); Mosaic slices heads in 128-lane units."""
+    if backend == "tpu":
+        return head_dim % 128 == 0
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def _kernel(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: AttentionMask, *, backend: str,
+            interpret: bool, tuning: KernelTuning) -> jnp.ndarray:
+    """The Pallas kernel for one device's operands (shapes as `attention`)."""
+    q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
+    groups = q.shape[2] // k.shape[2]
+    if not interpret and not _kernel_head_dim(backend, head_dim):
+        # Tiny test models (head_dim 16, 32, ...) on a TPU: the kernels tile head_dim in lanes.
+        logger.warning("attention: head_dim %d does not suit the %s kernels; using the XLA "
+                       "reference", head_dim, backend)
+        return xla_attention(q, k, v, mask)
+    if backend == "tpu":
+        from sdar_jax.ops import pallas_tpu  # only TPU callers import splash and Mosaic
+
+        if q_len == kv_len:
+            return pallas_tpu.splash_attention(
+                q, k, v, mask=mask.spec, positions=mask.q_positions, segment_ids=mask.q_segment_ids,
+                kv_positions=mask.kv_positions, kv_segment_ids=mask.kv_segment_ids, interpret=interpret)
+        return pallas_tpu.cache_attention(q, k, v, mask, block_k=tuning.decode_block_k or 512,
+                                          interpret=interpret)
+    decodes = q_len * groups <= pallas_decode.MAX_DECODE_ROWS and mask.spec.kind != "block_diffusion"
+    if q_len != kv_len and decodes:
+        return pallas_decode.decode_attention(q, k, v, mask, block_k=tuning.decode_block_k or 64,
+                                              splits=tuning.decode_splits, interpret=interpret)
+    return pallas_gpu.flash_attention(q, k, v, mask, block_sizes=tuning.gpu_blocks, interpret=interpret)

@@ -17,7 +17,8 @@ Two implementations of the same function, with the semantics of
   with transposed weights for dx and a transposed grouped matmul (one
   `[K, tile] @ [tile, N]` per item, accumulated into its group) for dw.
 
-`impl="auto"` picks ragged_dot on TPU and GPU and the tiled loop elsewhere.
+`impl="auto"` picks ragged_dot on TPU and GPU and the tiled loop elsewhere
+(resolved by `sdar_jax.ops.platform.resolve`, as attention's "auto" is).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from sdar_jax.ops import platform
 
 IMPLS = ("auto", "ragged_dot", "tiled")
 DEFAULT_TILE = 128
@@ -158,11 +161,7 @@ _tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 def resolve_impl(impl: str) -> str:
     """'auto' -> 'ragged_dot' on TPU and GPU, 'tiled' on CPU."""
-    if impl not in IMPLS:
-        raise ValueError(f"grouped matmul impl {impl!r} is not one of {IMPLS}")
-    if impl != "auto":
-        return impl
-    return "ragged_dot" if jax.default_backend() in ("tpu", "gpu") else "tiled"
+    return platform.resolve(impl, IMPLS, accelerated="ragged_dot", portable="tiled", what="grouped matmul")
 
 
 def grouped_matmul(

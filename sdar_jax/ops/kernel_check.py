@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdar_jax.ops import attention, masks
+from sdar_jax.ops import masks
+from sdar_jax.ops.xla_attention import xla_attention
 
 
 def packed_rows(seed: int, batch: int, length: int, block_size: int, n_segments: int, pad_blocks: int = 0):
@@ -47,18 +48,18 @@ def qkv(seed: int, batch: int, q_len: int, kv_len: int, heads: int, kv_heads: in
 
 
 def training_inputs(seed: int, *, mask: masks.MaskSpec, batch: int, length: int, n_segments: int,
-                    pad_blocks: int = 0) -> dict:
-    """Mask keyword arguments for a training row: [xt; x0] (length 2L) for block_diffusion."""
+                    pad_blocks: int = 0) -> masks.AttentionMask:
+    """The mask of a training row: [xt; x0] (length 2L) for block_diffusion."""
     block = mask.block_size if mask.kind != "causal" else 1
     pos, seg = packed_rows(seed, batch, length, block, n_segments, pad_blocks)
     if mask.kind == "block_diffusion":
         pos, seg = np.concatenate([pos, pos], 1), np.concatenate([seg, seg], 1)
     pos, seg = jnp.asarray(pos), jnp.asarray(seg)
-    return dict(mask=mask, q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
+    return masks.AttentionMask.self_attention(mask, pos, seg)
 
 
-def decode_inputs(seed: int, *, batch: int, block_size: int, max_len: int) -> dict:
-    """Mask keyword arguments for one decoding step: row r's block at a ragged start (the first
+def decode_inputs(seed: int, *, batch: int, block_size: int, max_len: int) -> masks.AttentionMask:
+    """The mask of one decoding step: row r's block at a ragged start (the first
     row's prefix empty, the last row's cache full), attending to the whole static cache."""
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, max_len // block_size, size=batch) * block_size
@@ -66,7 +67,7 @@ def decode_inputs(seed: int, *, batch: int, block_size: int, max_len: int) -> di
     starts[-1] = max_len - block_size
     q_pos = jnp.asarray(starts[:, None] + np.arange(block_size)[None], jnp.int32)
     kv_pos = jnp.asarray(np.broadcast_to(np.arange(max_len, dtype=np.int32), (batch, max_len)).copy())
-    return dict(mask=masks.block_causal(block_size), q_positions=q_pos, kv_positions=kv_pos)
+    return masks.AttentionMask(masks.block_causal(block_size), q_pos, kv_pos)
 
 
 def output_and_grads(fn, q, k, v, dout):
@@ -75,12 +76,12 @@ def output_and_grads(fn, q, k, v, dout):
     return [x.astype(jnp.float32) for x in (out, *vjp(dout))]
 
 
-def reference(q, k, v, dout, mask_kwargs):
+def reference(q, k, v, dout, mask: masks.AttentionMask):
     """The XLA reference's output and gradients, computed in float32 from the (possibly
     rounded) inputs at full matmul precision."""
     f32 = [x.astype(jnp.float32) for x in (q, k, v, dout)]
     with jax.default_matmul_precision("highest"):
-        return output_and_grads(lambda q, k, v: attention.attention(q, k, v, **mask_kwargs, impl="xla"), *f32)
+        return output_and_grads(lambda q, k, v: xla_attention(q, k, v, mask), *f32)
 
 
 def max_errors(got, want):

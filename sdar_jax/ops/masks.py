@@ -15,13 +15,19 @@ Kinds:
                      clean q -> noisy k   never
   bidirectional    everything
 Every kind also requires equal segment ids (packed examples never see each other).
+
+`AttentionMask` carries one call's mask: the description plus the runtime
+position and segment ids of the queries and keys, as one pytree argument of
+every attention implementation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 
 MaskKind = Literal["causal", "block_causal", "block_diffusion", "bidirectional"]
@@ -47,6 +53,61 @@ class MaskSpec:
             raise ValueError(f"MaskSpec.block_size must be a positive int, got {self.block_size!r}")
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["q_positions", "kv_positions", "q_segment_ids", "kv_segment_ids"],
+    meta_fields=["spec"],
+)
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """The mask of one attention call: a static description and its runtime ids.
+
+    A pytree whose leaves are the id arrays (the spec is static), so it passes
+    through jit and shard_map as one argument.
+
+    Attributes:
+      spec: the mask description.
+      q_positions: [batch, q_len] int32 position ids of the queries.
+      kv_positions: [batch, kv_len] int32 position ids of the keys.
+      q_segment_ids, kv_segment_ids: [batch, q_len] / [batch, kv_len] int32
+        packing segments, or None for a single segment.
+    """
+
+    spec: MaskSpec
+    q_positions: jnp.ndarray
+    kv_positions: jnp.ndarray
+    q_segment_ids: jnp.ndarray | None = None
+    kv_segment_ids: jnp.ndarray | None = None
+
+    @classmethod
+    def self_attention(cls, spec: MaskSpec, positions: jnp.ndarray,
+                       segment_ids: jnp.ndarray | None = None) -> AttentionMask:
+        """Queries and keys are the same row: positions / segment_ids [batch, seq]."""
+        return cls(spec, positions, positions, segment_ids, segment_ids)
+
+    def check(self, batch: int, q_len: int, kv_len: int, caller: str) -> None:
+        """Raises naming `caller` and the field unless every id array is integer [batch, len]
+        and the segment ids are given for both sides or neither."""
+        expected = {"q_positions": (batch, q_len), "kv_positions": (batch, kv_len),
+                    "q_segment_ids": (batch, q_len), "kv_segment_ids": (batch, kv_len)}
+        for name, shape in expected.items():
+            array = getattr(self, name)
+            if array is None:
+                continue
+            if tuple(array.shape) != shape or not jnp.issubdtype(array.dtype, jnp.integer):
+                raise ValueError(
+                    f"{caller}: {name} must be an integer array of shape {shape} "
+                    f"[batch, len], got {array.dtype}{tuple(array.shape)}"
+                )
+        if (self.q_segment_ids is None) != (self.kv_segment_ids is None):
+            raise ValueError(f"{caller}: give both q_segment_ids and kv_segment_ids, or neither")
+
+    def dense(self) -> jnp.ndarray:
+        """[batch, q_len, kv_len] bool: `dense_mask` of these ids."""
+        return dense_mask(self.spec, self.q_positions, self.kv_positions, self.q_segment_ids,
+                          self.kv_segment_ids)
+
+
 def causal() -> MaskSpec:
     return MaskSpec("causal")
 
@@ -57,6 +118,12 @@ def block_causal(block_size: int) -> MaskSpec:
 
 def block_diffusion(block_size: int) -> MaskSpec:
     return MaskSpec("block_diffusion", block_size)
+
+
+def require_decode_mask(spec: MaskSpec, caller: str) -> None:
+    """Raises naming `caller` if `spec` is the training-only block_diffusion mask."""
+    if spec.kind == "block_diffusion":
+        raise ValueError(f"{caller}: block_diffusion is a training mask; decode with block_causal")
 
 
 def mask_fn(spec: MaskSpec, q_idx, k_idx, q_pos, k_pos, q_seg, k_seg, noisy_len: int | None = None):

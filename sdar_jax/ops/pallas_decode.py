@@ -1,4 +1,4 @@
-"""Decode attention: a block's few queries against a long KV cache.
+"""Decode attention on GPUs: a block's few queries against a long KV cache.
 
 Decoding a block of B tokens attends from `[batch, B, heads, d]` queries to the
 whole static cache `[batch, max_len, kv_heads, d]` with kv positions
@@ -11,7 +11,8 @@ visible prefix, not for max_len.
 GPU: the `groups` query heads of a kv head fold into one row tile (B * groups
 rows), and the row's non-empty cache tiles are split into `splits` contiguous
 chunks handled by parallel programs (flash-decoding), whose partial results are
-merged in XLA. TPU: `pallas_tpu.cache_attention`.
+merged in XLA. The TPU counterpart is `pallas_tpu.cache_attention`; the
+dispatcher (`sdar_jax.ops.attention`) picks between them.
 """
 
 from __future__ import annotations
@@ -78,16 +79,15 @@ def _merge(acc, m, l):
     return out / jnp.where(total > 0.0, total, 1.0)[..., None]
 
 
-def _gpu_decode(q, k, v, *, mask, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                block_k: int, splits: int | None, interpret: bool):
+def _gpu_decode(q, k, v, mask: masks.AttentionMask, *, block_k: int, splits: int | None,
+                interpret: bool):
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     rows = max(16, pl.next_power_of_2(q_len * groups))
     if rows > MAX_DECODE_ROWS:
         return pallas_gpu.flash_forward(
-            q, k, v, mask=mask, q_positions=q_positions, kv_positions=kv_positions,
-            q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+            q, k, v, mask,
             block_sizes=pallas_gpu.BlockSizes(block_q=MAX_DECODE_ROWS, block_k=block_k),
             interpret=interpret,
         )
@@ -95,15 +95,9 @@ def _gpu_decode(q, k, v, *, mask, q_positions, kv_positions, q_segment_ids, kv_s
     n_tiles = kv_pad // block_k
     if splits is None:  # enough programs to fill a large GPU twice over
         splits = max(1, min(n_tiles, 256 // (batch * kv_heads)))
-    st = pallas_gpu.Static(mask, pallas_gpu.BlockSizes(block_q=rows, block_k=block_k),
+    st = pallas_gpu.Static(mask.spec, pallas_gpu.BlockSizes(block_q=rows, block_k=block_k),
                             groups, q_len // 2, interpret)
-    qseg = tiles.default_segments(q_segment_ids, q_positions)
-    kseg = tiles.pad_axis(tiles.default_segments(kv_segment_ids, kv_positions), 1, kv_pad,
-                          tiles.PAD_KV_SEGMENT)
-    qpos = q_positions.astype(jnp.int32)
-    kpos = tiles.pad_axis(kv_positions.astype(jnp.int32), 1, kv_pad, 0)
-    nonempty = tiles.tile_mask(mask, qpos, kpos, qseg, kseg, block_q=q_len, block_k=block_k,
-                               noisy_len=q_len // 2)
+    qpos, qseg, kpos, kseg, nonempty = tiles.cache_tiles(mask, kv_pad, block_k)
     ids, counts = tiles.compact(nonempty)  # [batch, 1, n_tiles], [batch, 1]
 
     def row_meta(x, fill):  # [batch, q_len] -> [batch, rows]
@@ -144,14 +138,9 @@ def decode_attention(
     q: jnp.ndarray,
     k: jnp.ndarray,
     v: jnp.ndarray,
+    mask: masks.AttentionMask,
     *,
-    mask: masks.MaskSpec,
-    q_positions: jnp.ndarray,
-    kv_positions: jnp.ndarray,
-    q_segment_ids: jnp.ndarray | None = None,
-    kv_segment_ids: jnp.ndarray | None = None,
-    backend: str = "gpu",
-    block_k: int | None = None,
+    block_k: int = 64,
     splits: int | None = None,
     interpret: bool = False,
 ) -> jnp.ndarray:
@@ -160,27 +149,15 @@ def decode_attention(
     Args:
       q: [batch, q_len, heads, head_dim]: the block being decoded (q_len = B).
       k, v: [batch, max_len, kv_heads, head_dim]: the cache.
-      mask: usually block_causal(B) (causal for AR decoding) over absolute positions.
-      q_positions: [batch, q_len] int32 absolute positions (rows may differ).
-      kv_positions: [batch, max_len] int32, usually arange(max_len).
-      q_segment_ids, kv_segment_ids: optional int32 segments.
-      backend: "gpu" (Triton kernel) or "tpu" (Mosaic kernel) lowering; in
-        interpret mode either runs on CPU.
-      block_k: cache tile length (default 64 on GPU, 512 on TPU).
-      splits: GPU only: parallel chunks per row (default: fill the device).
+      mask: usually block_causal(B) (causal for AR decoding) over absolute positions;
+        q_positions [batch, q_len] int32 (rows may differ), kv_positions
+        [batch, max_len] int32, usually arange(max_len); optional int32 segments.
+      block_k: cache tile length.
+      splits: parallel chunks per row (default: fill the device).
       interpret: run in the Pallas interpreter.
 
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype. Forward only (see `tiles.forward_only`).
     """
-    if mask.kind == "block_diffusion":
-        raise ValueError("decode_attention: block_diffusion is a training mask; decode with block_causal")
-    kw = dict(mask=mask, q_positions=q_positions, kv_positions=kv_positions,
-              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
-    if backend == "tpu":
-        from sdar_jax.ops import pallas_tpu  # only TPU-lowered callers need the Mosaic modules
-
-        return pallas_tpu.cache_attention(q, k, v, **kw, block_k=block_k or 512, interpret=interpret)
-    if backend == "gpu":
-        return _gpu_decode(q, k, v, **kw, block_k=block_k or 64, splits=splits, interpret=interpret)
-    raise ValueError(f"decode_attention: backend {backend!r} is not 'gpu' or 'tpu'")
+    masks.require_decode_mask(mask.spec, "decode_attention")
+    return _gpu_decode(q, k, v, mask, block_k=block_k, splits=splits, interpret=interpret)

@@ -312,7 +312,7 @@ def _bwd_calls(st, qf, k, v, dof, lse, delta, rpos, rseg, kpos, kseg, table, tab
 # ----------------------------------------------------------------------------- public entry
 
 
-def _prepare(st: Static, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
+def _prepare(st: Static, q, k, v, mask: masks.AttentionMask):
     """Pads to whole tiles and folds heads; returns the folded operands and row metadata."""
     q_len, kv_len = q.shape[1], k.shape[1]
     kv_heads = k.shape[2]
@@ -320,10 +320,12 @@ def _prepare(st: Static, q, k, v, q_positions, kv_positions, q_segment_ids, kv_s
     key_tile = max(st.blocks.block_k, st.blocks.block_k_bwd)
     q_pad = tiles.round_up(q_len, row_tile // st.groups)
     kv_pad = tiles.round_up(kv_len, key_tile)
-    qseg = tiles.pad_axis(tiles.default_segments(q_segment_ids, q_positions), 1, q_pad, tiles.PAD_Q_SEGMENT)
-    kseg = tiles.pad_axis(tiles.default_segments(kv_segment_ids, kv_positions), 1, kv_pad, tiles.PAD_KV_SEGMENT)
-    qpos = tiles.pad_axis(q_positions.astype(jnp.int32), 1, q_pad, 0)
-    kpos = tiles.pad_axis(kv_positions.astype(jnp.int32), 1, kv_pad, 0)
+    qseg = tiles.pad_axis(tiles.default_segments(mask.q_segment_ids, mask.q_positions), 1, q_pad,
+                          tiles.PAD_Q_SEGMENT)
+    kseg = tiles.pad_axis(tiles.default_segments(mask.kv_segment_ids, mask.kv_positions), 1, kv_pad,
+                          tiles.PAD_KV_SEGMENT)
+    qpos = tiles.pad_axis(mask.q_positions.astype(jnp.int32), 1, q_pad, 0)
+    kpos = tiles.pad_axis(mask.kv_positions.astype(jnp.int32), 1, kv_pad, 0)
     qf = tiles.fold_heads(tiles.pad_axis(q, 1, q_pad, 0), kv_heads)
     k = tiles.pad_axis(k, 1, kv_pad, 0)
     v = tiles.pad_axis(v, 1, kv_pad, 0)
@@ -342,28 +344,23 @@ def _tile_masks(st: Static, meta, block_q: int, block_k: int) -> tuple[jnp.ndarr
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st: Static, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
-    return _flash_fwd(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)[0]
+def _flash(st: Static, q, k, v, mask: masks.AttentionMask):
+    return _flash_fwd(st, q, k, v, mask)[0]
 
 
-def _flash_fwd(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids):
+def _flash_fwd(st, q, k, v, mask):
     q_len = q.shape[1]
-    qf, kp, vp, meta, (rpos, rseg) = _prepare(
-        st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids
-    )
+    qf, kp, vp, meta, (rpos, rseg) = _prepare(st, q, k, v, mask)
     table = tiles.compact_split(*_tile_masks(st, meta, st.blocks.block_q, st.blocks.block_k))
     of, lse = _fwd_call(st, qf, kp, vp, rpos, rseg, meta[2], meta[3], table)
     out = tiles.unfold_heads(of, of.shape[2] // st.groups)[:, :q_len]
-    residuals = (q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, of, lse)
-    return out, residuals
+    return out, (q, k, v, mask, of, lse)
 
 
 def _flash_bwd(st, residuals, dout):
-    q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, of, lse = residuals
+    q, k, v, mask, of, lse = residuals
     q_len, kv_len, kv_heads = q.shape[1], k.shape[1], k.shape[2]
-    qf, kp, vp, meta, (rpos, rseg) = _prepare(
-        st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids
-    )
+    qf, kp, vp, meta, (rpos, rseg) = _prepare(st, q, k, v, mask)
     dof = tiles.fold_heads(tiles.pad_axis(dout, 1, qf.shape[2] // st.groups, 0), kv_heads)
     delta = jnp.sum(of.astype(jnp.float32) * dof.astype(jnp.float32), axis=-1)
     bq, bk = st.blocks.block_q_bwd, st.blocks.block_k_bwd
@@ -372,7 +369,7 @@ def _flash_bwd(st, residuals, dout):
     table_t = tiles.compact_split(jnp.swapaxes(nonempty, 1, 2), jnp.swapaxes(full, 1, 2))  # (dK/dV)
     dqf, dk, dv = _bwd_calls(st, qf, kp, vp, dof, lse, delta, rpos, rseg, meta[2], meta[3], table, table_t)
     dq = tiles.unfold_heads(dqf, qf.shape[2] // st.groups)[:, :q_len]
-    return dq, dk[:, :kv_len], dv[:, :kv_len], None, None, None, None
+    return dq, dk[:, :kv_len], dv[:, :kv_len], None  # the mask ids have no gradient
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -382,12 +379,8 @@ def flash_attention(
     q: jnp.ndarray,
     k: jnp.ndarray,
     v: jnp.ndarray,
+    mask: masks.AttentionMask,
     *,
-    mask: masks.MaskSpec,
-    q_positions: jnp.ndarray,
-    kv_positions: jnp.ndarray,
-    q_segment_ids: jnp.ndarray | None = None,
-    kv_segment_ids: jnp.ndarray | None = None,
     block_sizes: BlockSizes = BlockSizes(),
     interpret: bool = False,
 ) -> jnp.ndarray:
@@ -396,15 +389,13 @@ def flash_attention(
     Args:
       q: [batch, q_len, heads, head_dim].
       k, v: [batch, kv_len, kv_heads, head_dim]; heads % kv_heads == 0.
-      mask: the mask description (`sdar_jax.ops.masks`).
-      q_positions: [batch, q_len] int32; kv_positions: [batch, kv_len] int32.
-      q_segment_ids, kv_segment_ids: [batch, q_len] / [batch, kv_len] int32 or None.
+      mask: the mask and its ids ([batch, q_len] / [batch, kv_len]; `sdar_jax.ops.masks`).
       block_sizes: tile sizes; block_q and block_q_bwd must be multiples of the
         group size heads // kv_heads.
       interpret: run the kernels in the Pallas interpreter (CPU tests).
 
     Returns:
-      [batch, q_len, heads, head_dim] in q's dtype, equal to `attention(impl="xla")`.
+      [batch, q_len, heads, head_dim] in q's dtype, equal to `xla_attention`.
     """
     heads, kv_heads, head_dim = q.shape[2], k.shape[2], q.shape[3]
     groups = heads // kv_heads
@@ -416,12 +407,12 @@ def flash_attention(
             )
     if not interpret and head_dim & (head_dim - 1):
         raise ValueError(f"the Triton kernels need a power-of-two head_dim, got {head_dim}")
-    if mask.kind == "block_diffusion" and q.shape[1] != k.shape[1]:
+    if mask.spec.kind == "block_diffusion" and q.shape[1] != k.shape[1]:
         raise ValueError(
             f"block_diffusion is self-attention over [xt; x0]: q_len {q.shape[1]} != kv_len {k.shape[1]}"
         )
-    st = Static(mask, block_sizes, groups, q.shape[1] // 2, interpret)
-    return _flash(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+    st = Static(mask.spec, block_sizes, groups, q.shape[1] // 2, interpret)
+    return _flash(st, q, k, v, mask)
 
 
 @tiles.forward_only
@@ -429,12 +420,8 @@ def flash_forward(
     q: jnp.ndarray,
     k: jnp.ndarray,
     v: jnp.ndarray,
+    mask: masks.AttentionMask,
     *,
-    mask: masks.MaskSpec,
-    q_positions: jnp.ndarray,
-    kv_positions: jnp.ndarray,
-    q_segment_ids: jnp.ndarray | None = None,
-    kv_segment_ids: jnp.ndarray | None = None,
     block_sizes: BlockSizes = BlockSizes(),
     interpret: bool = False,
 ) -> jnp.ndarray:
@@ -452,5 +439,5 @@ def flash_forward(
     forward_only = dataclasses.replace(
         block_sizes, block_q_bwd=block_sizes.block_q, block_k_bwd=block_sizes.block_k
     )
-    st = Static(mask, forward_only, groups, q.shape[1] // 2, interpret)
-    return _flash_fwd(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)[0]
+    st = Static(mask.spec, forward_only, groups, q.shape[1] // 2, interpret)
+    return _flash_fwd(st, q, k, v, mask)[0]

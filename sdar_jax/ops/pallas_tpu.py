@@ -291,12 +291,8 @@ def cache_attention(
     q: jnp.ndarray,
     k: jnp.ndarray,
     v: jnp.ndarray,
+    mask: masks.AttentionMask,
     *,
-    mask: masks.MaskSpec,
-    q_positions: jnp.ndarray,
-    kv_positions: jnp.ndarray,
-    q_segment_ids: jnp.ndarray | None = None,
-    kv_segment_ids: jnp.ndarray | None = None,
     block_k: int = 512,
     interpret: bool = False,
 ) -> jnp.ndarray:
@@ -305,27 +301,21 @@ def cache_attention(
     Args:
       q: [batch, q_len, heads, head_dim], q_len small (a decoding block or a prompt).
       k, v: [batch, kv_len, kv_heads, head_dim] (the cache as the model stores it).
-      mask: the mask description, evaluated on the runtime positions.
-      q_positions: [batch, q_len] int32 absolute positions; kv_positions: [batch, kv_len].
-      q_segment_ids, kv_segment_ids: optional int32 packing segments.
+      mask: the mask, evaluated on its runtime ids: q_positions [batch, q_len]
+        int32 absolute positions, kv_positions [batch, kv_len], optional int32 segments.
       block_k: cache tile length (a multiple of 128 on hardware).
       interpret: run in the Pallas interpreter (CPU tests).
 
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype.
     """
+    masks.require_decode_mask(mask.spec, "cache_attention")
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     rows = tiles.round_up(q_len * groups, SUBLANES)
     kv_pad = tiles.round_up(kv_len, block_k)
-    qseg = tiles.default_segments(q_segment_ids, q_positions)
-    kseg = tiles.pad_axis(tiles.default_segments(kv_segment_ids, kv_positions), 1, kv_pad,
-                          tiles.PAD_KV_SEGMENT)
-    kpos = tiles.pad_axis(kv_positions.astype(jnp.int32), 1, kv_pad, 0)
-    qpos = q_positions.astype(jnp.int32)
-    nonempty = tiles.tile_mask(mask, qpos, kpos, qseg, kseg, block_q=q_len, block_k=block_k,
-                               noisy_len=q_len // 2)
+    qpos, qseg, kpos, kseg, nonempty = tiles.cache_tiles(mask, kv_pad, block_k)
     ids, counts = tiles.compact(nonempty[:, 0])  # one query tile per row: [batch, n_tiles], [batch]
 
     def row_meta(x, fill):  # [batch, q_len] -> [batch, rows, 1], row = i * groups + g
@@ -340,7 +330,7 @@ def cache_attention(
     kv_spec = pl.BlockSpec((None, block_k, kv_heads * head_dim), lambda b, j, ids, n: (b, ids[b, j], 0))
     q_meta = pl.BlockSpec((None, rows, 1), lambda b, j, ids, n: (b, 0, 0))
     k_meta = pl.BlockSpec((None, 1, block_k), lambda b, j, ids, n: (b, 0, ids[b, j]))
-    kernel = functools.partial(_cache_kernel, spec=mask, kv_heads=kv_heads, head_dim=head_dim,
+    kernel = functools.partial(_cache_kernel, spec=mask.spec, kv_heads=kv_heads, head_dim=head_dim,
                                noisy_len=q_len // 2)
     out = pl.pallas_call(
         kernel,

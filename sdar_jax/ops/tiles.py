@@ -17,7 +17,7 @@ heads, and the key-tile loop of the dK/dV kernel already sums over them.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +86,34 @@ def tile_mask(spec: masks.MaskSpec, q_positions, kv_positions, q_segment_ids, kv
     """The non-empty half of `tile_masks`: [batch, q tiles, key tiles] bool."""
     return tile_masks(spec, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
                       block_q=block_q, block_k=block_k, noisy_len=noisy_len)[0]
+
+
+class CacheTiles(NamedTuple):
+    """The ids of a few queries against a cache padded to whole tiles, and its tile table.
+
+    qpos, qseg: [batch, q_len] int32; kpos, kseg: [batch, kv_pad] int32 (padding keys
+    in segment PAD_KV_SEGMENT); nonempty: [batch, 1, kv_pad // block_k] bool (all the
+    queries form one row tile).
+    """
+
+    qpos: jnp.ndarray
+    qseg: jnp.ndarray
+    kpos: jnp.ndarray
+    kseg: jnp.ndarray
+    nonempty: jnp.ndarray
+
+
+def cache_tiles(mask: masks.AttentionMask, kv_pad: int, block_k: int) -> CacheTiles:
+    """The decode kernels' metadata: mask ids padded to `kv_pad` keys, and the cache tiles
+    of `block_k` keys that any query of a row can see."""
+    q_len = mask.q_positions.shape[1]
+    qseg = default_segments(mask.q_segment_ids, mask.q_positions)
+    kseg = pad_axis(default_segments(mask.kv_segment_ids, mask.kv_positions), 1, kv_pad, PAD_KV_SEGMENT)
+    qpos = mask.q_positions.astype(jnp.int32)
+    kpos = pad_axis(mask.kv_positions.astype(jnp.int32), 1, kv_pad, 0)
+    nonempty = tile_mask(mask.spec, qpos, kpos, qseg, kseg, block_q=q_len, block_k=block_k,
+                         noisy_len=q_len // 2)
+    return CacheTiles(qpos, qseg, kpos, kseg, nonempty)
 
 
 def _compact(rank: jnp.ndarray, counts: jnp.ndarray) -> jnp.ndarray:
@@ -185,13 +213,18 @@ def forward_only(fn: Callable[..., jnp.ndarray]) -> Callable[..., jnp.ndarray]:
     the carry then reads as a data dependency and the model does not trace. A custom_vjp call is removed when
     its outputs are unused. Differentiating through the wrapped function raises.
 
-    Array arguments (positional, or keyword values that are arrays) are traced;
-    every other keyword argument is static.
+    Positional arguments and keyword values that are arrays (or pytrees of
+    arrays, such as a `masks.AttentionMask`) are traced; every other keyword
+    argument is static.
     """
+
+    def traced(value) -> bool:
+        leaves = jax.tree.leaves(value)
+        return bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        arrays = {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
+        arrays = {k: v for k, v in kwargs.items() if traced(v)}
         static = {k: v for k, v in kwargs.items() if k not in arrays}
 
         @jax.custom_vjp

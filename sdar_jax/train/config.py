@@ -34,9 +34,9 @@ from ml_collections.config_dict import placeholder
 
 from sdar_jax import config as model_config_lib
 from sdar_jax.config import ModelConfig
+from sdar_jax.diffusion.loss import NORMALIZATIONS
 
 OBJECTIVES = ("sdar", "ar")
-NORMALIZATIONS = ("non_prompt", "masked")
 
 
 class RunConfigError(ValueError):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdar_jax.ops import masks, pallas_gpu
+from sdar_jax.ops import attention, masks, pallas_gpu
 from tests.ops import pallas_cases as cases
 
 SMALL = pallas_gpu.BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
@@ -25,10 +25,10 @@ CASES = [
 def test_flash_matches_reference_float32(mask, length, heads, kv_heads, n_segments, pad_blocks, blocks):
     kw = cases.training_inputs(length, mask=mask, batch=2, length=length, n_segments=n_segments,
                                pad_blocks=pad_blocks)
-    row = kw["q_positions"].shape[1]
+    row = kw.q_positions.shape[1]
     q, k, v, dout = cases.qkv(row, 2, row, row, heads, kv_heads, 16, jnp.float32)
     got = cases.output_and_grads(
-        lambda q, k, v: pallas_gpu.flash_attention(q, k, v, **kw, block_sizes=blocks, interpret=True),
+        lambda q, k, v: pallas_gpu.flash_attention(q, k, v, kw, block_sizes=blocks, interpret=True),
         q, k, v, dout)
     want = cases.reference(q, k, v, dout, kw)
     errors = cases.max_errors(got, want)
@@ -41,11 +41,10 @@ def test_flash_arbitrary_positions_and_cross_lengths():
     q_pos = jnp.asarray(np.array([np.arange(20, 44), np.arange(40, 64)], np.int32))
     kv_pos = jnp.asarray(np.broadcast_to(np.arange(56, dtype=np.int32), (2, 56)).copy())
     kv_seg = jnp.asarray((np.arange(56) >= 3).astype(np.int32)[None].repeat(2, 0))
-    kw = dict(mask=mask, q_positions=q_pos, kv_positions=kv_pos,
-              q_segment_ids=jnp.ones((2, 24), jnp.int32), kv_segment_ids=kv_seg)
+    kw = masks.AttentionMask(mask, q_pos, kv_pos, jnp.ones((2, 24), jnp.int32), kv_seg)
     q, k, v, dout = cases.qkv(1, 2, 24, 56, 4, 2, 16, jnp.float32)
     got = cases.output_and_grads(
-        lambda q, k, v: pallas_gpu.flash_attention(q, k, v, **kw, block_sizes=SMALL, interpret=True),
+        lambda q, k, v: pallas_gpu.flash_attention(q, k, v, kw, block_sizes=SMALL, interpret=True),
         q, k, v, dout)
     assert max(cases.max_errors(got, cases.reference(q, k, v, dout, kw))) < 1e-5
 
@@ -61,7 +60,7 @@ def test_flash_bfloat16_within_documented_tolerance():
     kw = cases.training_inputs(3, mask=mask, batch=2, length=64, n_segments=2)
     q, k, v, dout = cases.qkv(3, 2, 128, 128, 4, 2, 32, jnp.bfloat16)
     got = cases.output_and_grads(
-        lambda q, k, v: pallas_gpu.flash_attention(q, k, v, **kw, block_sizes=MIXED, interpret=True),
+        lambda q, k, v: pallas_gpu.flash_attention(q, k, v, kw, block_sizes=MIXED, interpret=True),
         q, k, v, dout)
     assert got[0].dtype == jnp.float32  # cast by the helper; the kernel returned bf16
     want = cases.reference(q, k, v, dout, kw)
@@ -74,7 +73,7 @@ def test_flash_rejects_block_not_multiple_of_group():
     q, k, v, _ = cases.qkv(0, 1, 16, 16, 8, 1, 16, jnp.float32)
     pos = jnp.zeros((1, 16), jnp.int32)
     with pytest.raises(ValueError, match="block_q"):
-        pallas_gpu.flash_attention(q, k, v, mask=masks.causal(), q_positions=pos, kv_positions=pos,
+        pallas_gpu.flash_attention(q, k, v, masks.AttentionMask.self_attention(masks.causal(), pos),
                                    block_sizes=pallas_gpu.BlockSizes(4, 16, 16, 16), interpret=True)
 
 
@@ -94,8 +93,8 @@ def test_triton_lowering_of_forward_backward_and_decode():
     pos = jax.ShapeDtypeStruct((1, 256), i32)
 
     def loss(q, k, v, pos):
-        out = pallas_gpu.flash_attention(q, k, v, mask=masks.block_diffusion(4), q_positions=pos,
-                                         kv_positions=pos, q_segment_ids=pos, kv_segment_ids=pos)
+        out = pallas_gpu.flash_attention(q, k, v,
+                                         masks.AttentionMask.self_attention(masks.block_diffusion(4), pos, pos))
         return out.astype(jnp.float32).sum()
 
     with cases.lowering_target(H100, "gpu", 132):
@@ -104,8 +103,7 @@ def test_triton_lowering_of_forward_backward_and_decode():
     assert grad.as_text().count("triton") >= 3  # forward, dQ and dK/dV kernels
 
     def decode(q, k, v, q_pos, kv_pos):
-        return pallas_decode.decode_attention(q, k, v, mask=masks.block_causal(4), q_positions=q_pos,
-                                              kv_positions=kv_pos, backend="gpu")
+        return pallas_decode.decode_attention(q, k, v, masks.AttentionMask(masks.block_causal(4), q_pos, kv_pos))
 
     with cases.lowering_target(H100, "gpu", 132):
         lowered = jax.jit(decode).trace(
@@ -115,22 +113,21 @@ def test_triton_lowering_of_forward_backward_and_decode():
 
 
 def test_tile_sizes_thread_through_the_dispatcher():
-    """pallas_attention passes its tile arguments to the kernels (the tuning hooks)."""
-    from sdar_jax.ops import pallas_attention
-
+    """The dispatcher passes its tile arguments to the kernels (the tuning hooks)."""
     kw = cases.training_inputs(5, mask=masks.block_diffusion(4), batch=1, length=32, n_segments=2)
     q, k, v, _ = cases.qkv(5, 1, 64, 64, 4, 2, 16, jnp.float32)
-    got = pallas_attention.pallas_attention(q, k, v, **kw, backend="gpu", interpret=True, gpu_blocks=MIXED)
+
+    def pallas(q, mask, **tuning):
+        return attention.attention(q, k, v, mask, impl="pallas", backend="gpu", interpret=True,
+                                   tuning=attention.KernelTuning(**tuning))
+
+    got = pallas(q, kw, gpu_blocks=MIXED)
     np.testing.assert_allclose(got, cases.reference(q, k, v, q, kw)[0], atol=1e-5)
     with pytest.raises(ValueError, match=r"BlockSizes.block_q \(1\)"):
-        pallas_attention.pallas_attention(q, k, v, **kw, backend="gpu", interpret=True,
-                                          gpu_blocks=pallas_gpu.BlockSizes(1, 16, 16, 16))
-    dkw = dict(mask=masks.block_causal(4), q_positions=kw["q_positions"][:, 60:],
-               kv_positions=kw["kv_positions"])
-    decoded = pallas_attention.pallas_attention(q[:, 60:], k, v, **dkw, backend="gpu", interpret=True,
-                                                decode_block_k=16, decode_splits=2)
+        pallas(q, kw, gpu_blocks=pallas_gpu.BlockSizes(1, 16, 16, 16))
+    dkw = masks.AttentionMask(masks.block_causal(4), kw.q_positions[:, 60:], kw.kv_positions)
+    decoded = pallas(q[:, 60:], dkw, decode_block_k=16, decode_splits=2)
     want = cases.reference(q[:, 60:], k, v, q[:, 60:], dkw)[0]
     np.testing.assert_allclose(decoded, want, atol=1e-5)
     with pytest.raises(ValueError, match="block_k"):
-        pallas_attention.pallas_attention(q[:, 60:], k, v, **dkw, backend="gpu", interpret=True,
-                                          decode_block_k=24)
+        pallas(q[:, 60:], dkw, decode_block_k=24)

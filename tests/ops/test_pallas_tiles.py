@@ -25,13 +25,12 @@ def _brute_force_nonempty(dense: np.ndarray, block_q: int, block_k: int) -> np.n
     (masks.block_causal(8), 32, 16),
 ])
 def test_tile_mask_equals_brute_force(mask, block_q, block_k):
-    kw = cases.training_inputs(7, mask=mask, batch=2, length=128, n_segments=3, pad_blocks=1)
-    row = kw["q_positions"].shape[1]
+    ids = cases.training_inputs(7, mask=mask, batch=2, length=128, n_segments=3, pad_blocks=1)
+    row = ids.q_positions.shape[1]
     got, got_full = map(np.asarray, tiles.tile_masks(
-        mask, kw["q_positions"], kw["kv_positions"], kw["q_segment_ids"], kw["kv_segment_ids"],
+        mask, ids.q_positions, ids.kv_positions, ids.q_segment_ids, ids.kv_segment_ids,
         block_q=block_q, block_k=block_k, noisy_len=row // 2))
-    dense = np.asarray(masks.dense_mask(mask, kw["q_positions"], kw["kv_positions"],
-                                        kw["q_segment_ids"], kw["kv_segment_ids"]))
+    dense = np.asarray(ids.dense())
     want = _brute_force_nonempty(dense, block_q, block_k)
     np.testing.assert_array_equal(got, want)
     want_full = ~_brute_force_nonempty(~dense, block_q, block_k)

@@ -20,14 +20,14 @@ BLOCKS = pallas_tpu.SplashBlocks(128, 128, 128, 128)
 ])
 def test_splash_matches_reference(mask, length, heads, kv_heads):
     """Packed rows with canonical positions (every example restarts at 0 on a block boundary)."""
-    kw = cases.training_inputs(length, mask=mask, batch=2, length=length, n_segments=3, pad_blocks=1)
-    row = kw["q_positions"].shape[1]
+    ids = cases.training_inputs(length, mask=mask, batch=2, length=length, n_segments=3, pad_blocks=1)
+    row = ids.q_positions.shape[1]
     q, k, v, dout = cases.qkv(row, 2, row, row, heads, kv_heads, 32, jnp.float32)
     got = cases.output_and_grads(
-        lambda q, k, v: pallas_tpu.splash_attention(q, k, v, mask=mask, positions=kw["q_positions"],
-                                                    segment_ids=kw["q_segment_ids"],
+        lambda q, k, v: pallas_tpu.splash_attention(q, k, v, mask=mask, positions=ids.q_positions,
+                                                    segment_ids=ids.q_segment_ids,
                                                     blocks=BLOCKS, interpret=True), q, k, v, dout)
-    errors = cases.max_errors(got, cases.reference(q, k, v, dout, kw))
+    errors = cases.max_errors(got, cases.reference(q, k, v, dout, ids))
     assert max(errors) < 1e-5, dict(zip(("out", "dq", "dk", "dv"), errors))
 
 
@@ -43,10 +43,8 @@ def test_index_mask_is_mask_fn_on_canonical_positions():
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_pallas_impl_in_the_model_matches_xla(backend, monkeypatch):
     """The tiny SDAR model's training logits and a cached decode step agree across impls."""
-    from sdar_jax.ops import pallas_attention
-
-    real = pallas_attention.pallas_attention
-    monkeypatch.setattr(pallas_attention, "pallas_attention",
+    real = attention.attention
+    monkeypatch.setattr(attention, "attention",
                         lambda *a, **kw: real(*a, **kw, backend=backend, interpret=True))
     config = get_preset("tiny", num_layers=1)
     params = transformer.init_params(config, jax.random.PRNGKey(0))
@@ -65,28 +63,24 @@ def test_pallas_impl_in_the_model_matches_xla(backend, monkeypatch):
     step_kw = dict(n=4, positions=jnp.array([[0, 1, 2, 3], [8, 9, 10, 11]], jnp.int32),
                    mask=masks.block_causal(4), cache=cache)
     np.testing.assert_allclose(logits("pallas", **step_kw), logits("xla", **step_kw), atol=2e-5)
-    assert "pallas" in attention.available()
 
 
 def test_mosaic_lowering_of_splash_and_cache_kernels():
     """Pallas -> Mosaic lowering for a TPU v5e target runs on CPU once the abstract mesh names
     that target; the Mosaic compiler passes themselves need a TPU and are not run here."""
-    from sdar_jax.ops import pallas_attention
-
     bf16, i32 = jnp.bfloat16, jnp.int32
     q = jax.ShapeDtypeStruct((1, 256, 4, 128), bf16)
     k = jax.ShapeDtypeStruct((1, 256, 2, 128), bf16)
     pos = jax.ShapeDtypeStruct((1, 256), i32)
 
     def loss(q, k, v, pos):
-        out = pallas_attention.pallas_attention(q, k, v, mask=masks.block_diffusion(4), q_positions=pos,
-                                                kv_positions=pos, q_segment_ids=pos, kv_segment_ids=pos,
-                                                backend="tpu", interpret=False)
+        out = attention.attention(q, k, v, masks.AttentionMask.self_attention(masks.block_diffusion(4), pos, pos),
+                                  impl="pallas", backend="tpu", interpret=False)
         return out.astype(jnp.float32).sum()
 
     def decode(q, k, v, q_pos, kv_pos):
-        return pallas_attention.pallas_attention(q, k, v, mask=masks.block_causal(4), q_positions=q_pos,
-                                                 kv_positions=kv_pos, backend="tpu", interpret=False)
+        return attention.attention(q, k, v, masks.AttentionMask(masks.block_causal(4), q_pos, kv_pos),
+                                   impl="pallas", backend="tpu", interpret=False)
 
     with cases.lowering_target("TPU v5 lite", "tpu", 1):
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, pos).lower(
@@ -103,11 +97,10 @@ def test_pallas_impl_names_bad_metadata():
     q, k, v, _ = cases.qkv(0, 2, 8, 8, 2, 2, 16, jnp.float32)
     pos = jnp.zeros((2, 8), jnp.int32)
     with pytest.raises(ValueError, match=r"kv_positions .*\(2, 8\)"):
-        attention.attention(q, k, v, mask=masks.causal(), q_positions=pos, kv_positions=pos[:, :4],
-                            impl="pallas")
+        attention.attention(q, k, v, masks.AttentionMask(masks.causal(), pos, pos[:, :4]), impl="pallas")
     with pytest.raises(ValueError, match="both q_segment_ids and kv_segment_ids"):
-        attention.attention(q, k, v, mask=masks.causal(), q_positions=pos, kv_positions=pos,
-                            q_segment_ids=pos, impl="pallas")
+        attention.attention(q, k, v, masks.AttentionMask(masks.causal(), pos, pos, q_segment_ids=pos),
+                            impl="pallas")
 
 
 def test_pallas_impl_under_a_mesh_runs_per_device_shards():
@@ -118,23 +111,21 @@ def test_pallas_impl_under_a_mesh_runs_per_device_shards():
     mesh = jax.make_mesh((2, 1, 2, 2), ("data", "fsdp", "tensor", "expert"),
                          axis_types=(AxisType.Auto,) * 4)
     mask = masks.block_diffusion(4)
-    kw = cases.training_inputs(11, mask=mask, batch=4, length=32, n_segments=2)
+    ids = cases.training_inputs(11, mask=mask, batch=4, length=32, n_segments=2)
     q, k, v, dout = cases.qkv(11, 4, 64, 64, 4, 2, 16, jnp.float32)
     with jax.set_mesh(mesh):
         got = jax.jit(lambda q, k, v: cases.output_and_grads(
-            lambda q, k, v: attention.attention(q, k, v, **kw, impl="pallas"), q, k, v, dout))(q, k, v)
-        lowered = jax.jit(lambda q, k, v: attention.attention(q, k, v, **kw, impl="pallas")).lower(q, k, v)
+            lambda q, k, v: attention.attention(q, k, v, ids, impl="pallas"), q, k, v, dout))(q, k, v)
+        lowered = jax.jit(lambda q, k, v: attention.attention(q, k, v, ids, impl="pallas")).lower(q, k, v)
     assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
-    errors = cases.max_errors(got, cases.reference(q, k, v, dout, kw))
+    errors = cases.max_errors(got, cases.reference(q, k, v, dout, ids))
     assert max(errors) < 1e-5, errors
 
 
 def test_head_dim_the_compiled_kernels_cannot_tile_falls_back_to_xla(caplog):
-    from sdar_jax.ops import pallas_attention
-
     q, k, v, _ = cases.qkv(2, 1, 16, 16, 4, 2, 16, jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (1, 16))
-    kw = dict(mask=masks.causal(), q_positions=pos, kv_positions=pos)
-    got = pallas_attention.pallas_attention(q, k, v, **kw, backend="tpu", interpret=False)
-    np.testing.assert_allclose(got, attention.attention(q, k, v, **kw, impl="xla"), atol=1e-6)
+    mask = masks.AttentionMask.self_attention(masks.causal(), pos)
+    got = attention.attention(q, k, v, mask, impl="pallas", backend="tpu", interpret=False)
+    np.testing.assert_allclose(got, attention.attention(q, k, v, mask, impl="xla"), atol=1e-6)
     assert "head_dim 16" in caplog.text

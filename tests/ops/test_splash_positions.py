@@ -81,13 +81,12 @@ def test_honoured_positions_equal_the_reference():
         (masks.block_diffusion(B), _row("block_diffusion", [0, 32], [32, 24], pad_positions=np.arange(8))),
     ]:
         q, k, v, dout = _qkv_for(pos)
-        kw = dict(mask=spec, q_positions=jnp.asarray(pos), kv_positions=jnp.asarray(pos),
-                  q_segment_ids=jnp.asarray(seg), kv_segment_ids=jnp.asarray(seg))
+        ids = masks.AttentionMask.self_attention(spec, jnp.asarray(pos), jnp.asarray(seg))
         got = cases.output_and_grads(
             lambda q, k, v: pallas_tpu.splash_attention(
-                q, k, v, mask=spec, positions=kw["q_positions"], segment_ids=kw["q_segment_ids"],
+                q, k, v, mask=spec, positions=ids.q_positions, segment_ids=ids.q_segment_ids,
                 blocks=BLOCKS, interpret=True), q, k, v, dout)
-        assert max(cases.max_errors(got, cases.reference(q, k, v, dout, kw))) < 1e-5, spec
+        assert max(cases.max_errors(got, cases.reference(q, k, v, dout, ids))) < 1e-5, spec
 
 
 REFUSED = [
