@@ -1,4 +1,5 @@
-"""Test-wide setup: eight fake CPU devices, float32 matmuls at full precision.
+"""Test-wide setup: eight fake CPU devices, float32 matmuls at full precision, XLA's
+optimizations mostly off.
 
 XLA_FLAGS must be set before jax is imported anywhere, so this runs first.
 """
@@ -8,6 +9,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The tests run tiny shapes, so compiling is most of their time; XLA's optimization passes
+# are about half of that. With them mostly off the programs compute the same functions
+# (GSPMD still partitions them; the compiled-memory tests hold either way). Set before jax
+# is imported, and inherited by the CLI subprocesses the tests start.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402
 

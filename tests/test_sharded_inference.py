@@ -2,11 +2,9 @@
 their shardings, and block-diffusion decoding under the sharding context equal to one device
 for every strategy.
 
-Compilation is nearly all of this file's time (one decoder program per mesh for the four
-strategies that share a compilation, one each for the staged `said` and `said_chlg`), so the
-module compiles with XLA's optimizations mostly off (`jax_disable_most_optimizations`): GSPMD
-still partitions every program, which is what the equality checks, and the single-device
-reference, computed once per checkpoint, compiles the same way.
+Compilation is nearly all of this file's time: one decoder program per mesh for the four
+strategies that share a compilation, one each for the staged `said` and `said_chlg` (the
+single-device reference is computed once per checkpoint).
 """
 
 from __future__ import annotations
@@ -25,8 +23,6 @@ from sdar_jax.decode.decoder import DecodeConfig, generate
 from sdar_jax.model import sharding as model_sharding
 from sdar_jax.model import transformer
 from sdar_jax.parallel import ParallelConfig, ParallelConfigError
-from sdar_jax.checkpoint.sharded_restore import RestoreError, restore_params, setup_inference, to_host
-from tests.helpers.compilation import fast_compilation  # noqa: F401 - autouse fixture
 
 # One decode config per strategy (the staged SAID ones need their own budgets).
 DECODES = {

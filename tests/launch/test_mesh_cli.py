@@ -20,7 +20,6 @@ from sdar_jax.data import tasks
 from sdar_jax.data.tokenizer import CHAR_TOKENIZER_DIR
 from sdar_jax.model import transformer
 from tests.helpers import processes
-from tests.helpers.compilation import fast_compilation  # noqa: F401 - autouse fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 420
