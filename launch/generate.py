@@ -251,8 +251,11 @@ def run(args: argparse.Namespace) -> int:
             f"prompt length {longest} + --max-new-tokens {dc.max_new_tokens} needs more than the "
             f"model's {config.max_position_embeddings} positions (max_position_embeddings)"
         )
+    # The hooks pause the decoding loop, whose programs hold collectives: every process must
+    # pause at the same forwards, and only process 0 writes, so several processes run no hooks.
+    in_loop = jax.process_count() == 1
     stream = None
-    if len(prompts) == 1 and tokenizer is not None and args.output is None and writer:
+    if len(prompts) == 1 and tokenizer is not None and args.output is None and writer and in_loop:
         stream = _Streamer(tokenizer, len(prompts[0]), dc.max_new_tokens, dc.stop_ids)
 
     width = min(_bucket(longest), max_prompt)
@@ -268,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
         out = sharded_restore.to_host(generate_many(
             model.params, config, tokens, np.asarray([len(p) for p in prompts], np.int32),
             keys, dc, num_slots=args.batch_size,
-            hooks=Hooks(stream=stream, on_finish=records.on_finish if output else None),
+            hooks=Hooks(stream=stream, on_finish=records.on_finish if output and in_loop else None),
         ))
     elapsed = time.perf_counter() - start_time
     if not writer:

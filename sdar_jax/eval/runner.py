@@ -316,6 +316,10 @@ def decode_plan(params: Any, model_config: ModelConfig, prompt_ids: Sequence[Seq
     outputs: dict[tuple[int, int], RowOutput] = {}
     wall = compile_s = 0.0
     batch_forwards = 0
+    # The row-by-row hook pauses the decoding loop, whose programs hold collectives: every
+    # process would have to pause at the same forwards. With several processes, rows reach
+    # `on_row` when their bucket's call returns.
+    in_loop = jax.process_count() == 1
     total_rows = sum(len(p.rows) for p in plans)
     with tqdm.tqdm(total=total_rows, unit="seq", desc="decode", disable=not progress,
                    dynamic_ncols=True) as bar, compile_timer() as compiled:
@@ -323,7 +327,7 @@ def decode_plan(params: Any, model_config: ModelConfig, prompt_ids: Sequence[Seq
             tokens, lengths, ex_idx, s_idx = _batch_arrays(plan, prompt_ids, pad_id)
             keys = sample_keys(seed, ex_idx, s_idx)
             hooks = decoder.Hooks()
-            if on_row is not None:
+            if on_row is not None and in_loop:
                 hooks = decoder.Hooks(on_finish=functools.partial(_rows_finished, plan, on_row, bar))
             start, compiled_before = time.perf_counter(), compiled[0]
             result = to_host(decoder.generate_many(
@@ -335,7 +339,9 @@ def decode_plan(params: Any, model_config: ModelConfig, prompt_ids: Sequence[Seq
             for i, row in enumerate(plan.rows):
                 outputs[row] = _row_output(result.tokens[i], result.lengths[i],
                                            result.num_forwards[i], result.num_committed[i])
-            if on_row is None:
+                if on_row is not None and not in_loop:
+                    on_row(row, outputs[row])
+            if on_row is None or not in_loop:
                 bar.update(len(plan.rows))
     stats = DecodeStats(wall_seconds=wall, compile_seconds=compile_s,
                         batch_forwards=batch_forwards, num_batches=len(plans))
