@@ -45,6 +45,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from sdar_jax.cli import UsageError, run_main
 from sdar_jax.decode.cli import (
     DecodingArgsError, add_cache_args, add_decoding_args, add_mesh_args, check_writable,
     decode_config_from_args, enable_compilation_cache, resolve_stop_ids, start_run,
@@ -53,8 +54,6 @@ from sdar_jax.eval import answers
 from sdar_jax.eval.runner import EvalSettings
 
 
-class UsageError(ValueError):
-    """Bad command-line input; reported as one line."""
 
 
 STYLE_CHOICES = ("gsm8k", "math", "math_hendrycks", "exact")
@@ -220,12 +219,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (UsageError, DecodingArgsError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("evaluate", build_parser(), run, argv, usage_errors=(DecodingArgsError,))
 
 
 if __name__ == "__main__":

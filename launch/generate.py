@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sdar_jax.cli import UsageError, run_main
 from sdar_jax.decode.cli import (
     DecodingArgsError, add_cache_args, add_decoding_args, add_mesh_args, check_writable,
     decode_config_from_args, enable_compilation_cache, resolve_stop_ids, start_run,
@@ -54,8 +55,6 @@ from sdar_jax.decode.cli import (
 MIN_PROMPT_BUCKET = 16
 
 
-class UsageError(ValueError):
-    """Bad command-line input; reported as one line."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,12 +298,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"generate: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("generate", build_parser(), run, argv)
 
 
 if __name__ == "__main__":
