@@ -50,7 +50,6 @@ from sdar_jax.decode.cli import (
     DecodingArgsError, add_cache_args, add_decoding_args, add_mesh_args, check_writable,
     decode_config_from_args, enable_compilation_cache, resolve_stop_ids, start_run,
 )
-from sdar_jax.eval import answers
 from sdar_jax.eval.runner import EvalSettings
 
 
