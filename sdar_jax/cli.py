@@ -16,9 +16,12 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import ml_collections
+
+if TYPE_CHECKING:
+    from sdar_jax.checkpoint.sharded_restore import InferenceModel
 
 USAGE_EXIT = 2
 
@@ -58,3 +61,20 @@ def load_config_module(path: str | os.PathLike[str]) -> ModuleType:
 def load_config(path: str | os.PathLike[str], arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of a config file, as `--config=FILE:ARG` gives it to launch/train.py."""
     return load_config_module(path).get_config(arg)
+
+
+def load_inference_model(ckpt: str, mesh: str | None) -> "InferenceModel":
+    """A params checkpoint for generate / evaluate: on one device, or straight into its
+    shardings under `--mesh` (`sharded_restore.load_for_inference`); bad input as UsageError."""
+    # Imported here: the launchers answer --help and flag errors without starting JAX.
+    from sdar_jax.checkpoint import sharded_restore
+    from sdar_jax.parallel import ParallelConfigError
+
+    if not os.path.isdir(ckpt):
+        raise UsageError(f"--ckpt {ckpt!r}: no such directory")
+    try:
+        return sharded_restore.load_for_inference(ckpt, mesh)
+    except ParallelConfigError as e:  # a mesh that does not fit the devices
+        raise UsageError(f"--mesh {mesh!r}: {e}") from e
+    except ValueError as e:
+        raise UsageError(f"--ckpt {ckpt!r}: {e}") from e
