@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import platform
@@ -48,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdar_jax.checkpoint.params import load_params_checkpoint, save_params_checkpoint
+from sdar_jax.cli import load_config_module
 from sdar_jax.config import ModelConfig
 from sdar_jax.data import pipeline
 from sdar_jax.data.tasks import TASK_DIR
@@ -114,9 +114,7 @@ def _log(message: str) -> None:
 
 def load_run_config(stage: str):
     """`configs/smollm2_adapt.py:get_config(stage)` (the file is not a package module)."""
-    spec = importlib.util.spec_from_file_location("smollm2_adapt_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_config_module(CONFIG_FILE)
     return module, module.get_config(stage)
 
 

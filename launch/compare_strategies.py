@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import sys
 import time
 from typing import Any, NamedTuple, Sequence
 
 from sdar_jax import experiments
+from sdar_jax.cli import UsageError, load_config, run_main
 from sdar_jax.data import tasks
 from sdar_jax.data.tokenizer import Tokenizer
 from sdar_jax.decode.decoder import DecodeConfig
@@ -49,8 +49,6 @@ CHLG_EXTRA_STEPS = 3  # the paper's extra steps for the positions below tau
 SAID_REC_STEPS = 1
 
 
-class UsageError(ValueError):
-    """Bad command-line input; reported as one line."""
 
 
 class Row(NamedTuple):
@@ -112,10 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_demo_config(stage: str):
     """`configs/demo.py`'s `get_config(stage)`."""
-    spec = importlib.util.spec_from_file_location("demo_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(stage)
+    return load_config(CONFIG_FILE, stage)
 
 
 def strategy_rows(block_length: int, thresholds: Sequence[float], divisors: Sequence[int],
@@ -266,12 +261,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"compare_strategies: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("compare_strategies", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

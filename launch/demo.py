@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import shutil
 import sys
@@ -40,6 +39,7 @@ import time
 from typing import Sequence
 
 from sdar_jax import experiments
+from sdar_jax.cli import UsageError, load_config, run_main
 from sdar_jax.data import procedural, tasks
 from sdar_jax.data.tokenizer import Tokenizer
 from sdar_jax.eval import runner
@@ -64,8 +64,6 @@ QUICK = dict(
 )
 
 
-class UsageError(ValueError):
-    """Bad command-line input; reported as one line."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,10 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_demo_config(stage: str):
     """`configs/demo.py`'s `get_config(stage)`."""
-    spec = importlib.util.spec_from_file_location("demo_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(stage)
+    return load_config(CONFIG_FILE, stage)
 
 
 def _prepare_out(out: str, overwrite: bool) -> None:
@@ -231,12 +226,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"demo: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("demo", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -45,16 +45,14 @@ import os
 import sys
 from typing import Any, Sequence
 
+from sdar_jax.cli import UsageError, load_inference_model, run_main
 from sdar_jax.decode.cli import (
     DecodingArgsError, add_cache_args, add_decoding_args, add_mesh_args, check_writable,
     decode_config_from_args, enable_compilation_cache, resolve_stop_ids, start_run,
 )
-from sdar_jax.eval import answers
 from sdar_jax.eval.runner import EvalSettings
 
 
-class UsageError(ValueError):
-    """Bad command-line input; reported as one line."""
 
 
 STYLE_CHOICES = ("gsm8k", "math", "math_hendrycks", "exact")
@@ -152,7 +150,6 @@ def run(args: argparse.Namespace) -> int:
     start_run(args)
 
     from sdar_jax.checkpoint import sharded_restore
-    from sdar_jax.parallel import ParallelConfigError
     from sdar_jax.data.tokenizer import TokenizerError, load_tokenizer
     from sdar_jax.eval import runner
 
@@ -181,14 +178,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise UsageError(f"--data: {e}") from e
     examples = examples[:args.limit]
-    if not os.path.isdir(args.ckpt):
-        raise UsageError(f"--ckpt {args.ckpt!r}: no such directory")
-    try:
-        model = sharded_restore.load_for_inference(args.ckpt, args.mesh)
-    except ParallelConfigError as e:  # a mesh that does not fit the devices
-        raise UsageError(f"--mesh {args.mesh!r}: {e}") from e
-    except ValueError as e:
-        raise UsageError(f"--ckpt {args.ckpt!r}: {e}") from e
+    model = load_inference_model(args.ckpt, args.mesh)
     config = model.config
     tokenizer_dir = args.tokenizer or args.ckpt
     try:
@@ -220,12 +210,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (UsageError, DecodingArgsError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("evaluate", build_parser(), run, argv, usage_errors=(DecodingArgsError,))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sdar_jax.cli import UsageError, load_inference_model, run_main
 from sdar_jax.decode.cli import (
     DecodingArgsError, add_cache_args, add_decoding_args, add_mesh_args, check_writable,
     decode_config_from_args, enable_compilation_cache, resolve_stop_ids, start_run,
@@ -54,8 +55,6 @@ from sdar_jax.decode.cli import (
 MIN_PROMPT_BUCKET = 16
 
 
-class UsageError(ValueError):
-    """Bad command-line input; reported as one line."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +213,6 @@ def run(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from sdar_jax.checkpoint import sharded_restore
-    from sdar_jax.parallel import ParallelConfigError
     from sdar_jax.decode.decoder import Hooks, generate_many
     from sdar_jax.eval.runner import JsonlStream
 
@@ -226,14 +224,7 @@ def run(args: argparse.Namespace) -> int:
     except DecodingArgsError as e:
         raise UsageError(str(e)) from e
     items = _read_prompts(args)
-    if not os.path.isdir(args.ckpt):
-        raise UsageError(f"--ckpt {args.ckpt!r}: no such directory")
-    try:
-        model = sharded_restore.load_for_inference(args.ckpt, args.mesh)
-    except ParallelConfigError as e:  # a mesh that does not fit the devices
-        raise UsageError(f"--mesh {args.mesh!r}: {e}") from e
-    except ValueError as e:
-        raise UsageError(f"--ckpt {args.ckpt!r}: {e}") from e
+    model = load_inference_model(args.ckpt, args.mesh)
     config = model.config
     tokenizer = _load_tokenizer(args, needed=any("prompt" in item for item in items))
     prompts = _encode(items, tokenizer, args.chat, config.vocab_size)
@@ -302,12 +293,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        print(f"generate: error: {e}", file=sys.stderr)
-        return 2
+    return run_main("generate", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -199,12 +199,6 @@ def load_split(split: str, directory: str = TASK_DIR,
     return examples if tasks is None else [e for e in examples if e["task"] in tasks]
 
 
-def to_messages(example: Mapping[str, str]) -> list[dict[str, str]]:
-    """A one-turn chat: the prompt as the user turn, the response as the assistant turn."""
-    return [{"role": "user", "content": example["prompt"]},
-            {"role": "assistant", "content": example["response"]}]
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for train.jsonl and test.jsonl")

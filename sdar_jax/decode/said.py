@@ -82,11 +82,6 @@ def stage_partition(block_length: int, num_stages: int) -> np.ndarray:
     return np.asarray(_partition(block_length, num_stages), np.int32)
 
 
-def stage_sizes(block_length: int, num_stages: int) -> tuple[int, ...]:
-    """Number of positions of each stage, in decoding order."""
-    return tuple(np.bincount(stage_partition(block_length, num_stages), minlength=num_stages).tolist())
-
-
 def stage_steps(block_length: int, num_stages: int, budget: int, rec_steps: int) -> tuple[int, ...]:
     """Splits a per-block step budget T over the stages as the public SAID code does (spec §4.2).
 

@@ -130,9 +130,3 @@ STRATEGIES: dict[str, Strategy] = {
 STAGED_STRATEGIES = ("said", "said_chlg")
 STRATEGY_NAMES = tuple(STRATEGIES) + STAGED_STRATEGIES
 
-
-def get_strategy(name: str) -> Strategy:
-    """The per-step selection function of a (non-staged) strategy."""
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; expected one of {STRATEGY_NAMES}")
-    return STRATEGIES[name]

@@ -35,14 +35,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
 
 
-def mean_pass_at_k(num_samples: Sequence[int], num_correct: Sequence[int], k: int) -> float:
-    """pass@k averaged over problems (`num_samples[i]`, `num_correct[i]` per problem)."""
-    if len(num_samples) != len(num_correct) or not num_samples:
-        raise ValueError(f"need equally long, non-empty num_samples and num_correct, got "
-                         f"{len(num_samples)} and {len(num_correct)}")
-    return float(np.mean([pass_at_k(int(n), int(c), k) for n, c in zip(num_samples, num_correct)]))
-
-
 def majority_vote(votes: Sequence[str | None],
                   key: Callable[[str], Hashable | None] | None = None) -> tuple[str | None, int]:
     """The most frequent vote and its count; `None` votes (no answer) are not counted.

@@ -114,7 +114,3 @@ def test_read_jsonl_names_missing_fields(tmp_path):
         tasks.read_jsonl(str(path))
 
 
-def test_to_messages():
-    e = tasks.make_add(__import__("numpy").random.default_rng(0))
-    assert tasks.to_messages(e) == [{"role": "user", "content": e["prompt"]},
-                                    {"role": "assistant", "content": e["response"]}]

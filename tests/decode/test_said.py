@@ -29,7 +29,7 @@ def test_partition_follows_the_checkerboard_rule(block_length, num_stages):
         low_bit = next((k for k in range(1, num_stages) if p % 2**k == 2 ** (k - 1)), None)
         want = 0 if low_bit is None else num_stages - low_bit
         assert stage[p] == want, (p, stage.tolist())
-    sizes = said.stage_sizes(block_length, num_stages)
+    sizes = np.bincount(stage, minlength=num_stages).tolist()
     assert sum(sizes) == block_length
     if num_stages >= 2:
         assert sizes[-1] == block_length // 2  # the odd positions: the details

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from sdar_jax.decode import strategies
+from sdar_jax.decode.decoder import DecodeConfig
 
 
 def _inputs(seed, batch=16, length=8, ties=True):
@@ -24,7 +25,7 @@ def _run(name, confidence, entropy, masked, count, threshold=0.5, bound=1.0):
         jnp.asarray(confidence), jnp.asarray(entropy), jnp.asarray(masked), jnp.asarray(count),
         jnp.float32(threshold), jnp.float32(bound),
     )
-    return np.asarray(strategies.get_strategy(name)(x))
+    return np.asarray(strategies.STRATEGIES[name](x))
 
 
 def _expected(name, conf, ent, masked, n, threshold=0.5, bound=1.0):
@@ -109,4 +110,4 @@ def test_step_count_schedule(length, steps):
 
 def test_unknown_strategy_lists_valid_ones():
     with pytest.raises(ValueError, match="low_confidence_dynamic"):
-        strategies.get_strategy("top_k_margin")
+        DecodeConfig(strategy="top_k_margin")

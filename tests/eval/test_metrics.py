@@ -47,14 +47,6 @@ def test_pass_at_k_rejects_bad_arguments(args, match):
         metrics.pass_at_k(5, 2, 1.0)
 
 
-def test_mean_pass_at_k():
-    ns, cs = [10, 10, 4], [0, 5, 4]
-    want = np.mean([float(_closed_form(n, c, 2)) for n, c in zip(ns, cs)])
-    assert metrics.mean_pass_at_k(ns, cs, 2) == pytest.approx(want, rel=1e-12)
-    with pytest.raises(ValueError, match="3 and 2"):
-        metrics.mean_pass_at_k(ns, cs[:2], 2)
-
-
 def test_majority_vote_counts_and_ties():
     assert metrics.majority_vote(["3", "4", "4", None, "3", "4"]) == ("4", 3)
     # Tie between "7" (first at index 1) and "5" (first at index 2): "7" wins.
