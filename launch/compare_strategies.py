@@ -241,9 +241,12 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate_rows(rows, {b: t["export_dir"] for b, t in training.items()}, tokenizer,
                             test, settings, out)
     table = markdown_table(results)
+    sources = "; ".join(
+        f"B={b}: " + (f"reused {t['export_dir']}" if t["reused"]
+                      else f"adapted {t['steps']} steps from {args.init_from}")
+        for b, t in training.items())
     header = (f"{len(test)} held-out problems ({', '.join(task_names)}), greedy, max "
-              f"{args.max_new_tokens} new tokens; one SDAR model per B adapted from "
-              f"{args.init_from}")
+              f"{args.max_new_tokens} new tokens; one SDAR model per B ({sources})")
     print(header)
     print(table)
     if skipped:
