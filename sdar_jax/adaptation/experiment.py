@@ -228,10 +228,16 @@ def _first_sample(out: str, records_path: str) -> str:
         return json.loads(f.readline())["samples"][0]["text"]
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def _git_commit() -> str:
+    """HEAD's short hash, marked when tracked files differ from it (the run is not HEAD's code)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+        return _git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
