@@ -69,7 +69,7 @@ class Sizes:
     n_task_eval: int = 32  # the tasks' test prompts decoded (balanced over the 4 tasks)
     eval_batch: int = 16
     batch: int = 4  # training rows of seq_len tokens per step
-    steps: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"ar": 30, "sdar": 30})
+    steps: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"ar": 20, "sdar": 30})
 
     def __post_init__(self) -> None:
         if set(self.steps) != set(STAGES):
