@@ -1,14 +1,17 @@
 """SmolLM2-135M-Instruct -> SDAR: continued training at a CPU-sized budget.
 
-The stages of `launch/adapt_smollm2.py` (which sets the paths and runs them):
+The stages of `launch/adapt_smollm2.py` (`sdar_jax.adaptation` sets the paths and runs them):
 
-  sdar4   SDAR objective, block 4, from the AR checkpoint with a mask row added
-  sdar8   SDAR objective, block 8, from sdar4's export (spec §2: adapt at a
-          small block, then grow it)
-  ar      the AR baseline: next-token objective on the same data and steps as
-          sdar4, from the same AR checkpoint
+  sdar    SDAR objective from the AR checkpoint with a mask row added, with the
+          recipe of docs/adaptation.md (as `configs/demo.py:sdar`): the
+          `shifted` logits convention (masked position i is read from position
+          i - 1's output, so the AR head's next-token predictions are reused
+          from the first step) and mixed B (each step draws its block size
+          from {4, 8}), so one model decodes at both block lengths
+  ar      the AR baseline: next-token objective on the same data and steps,
+          from the same AR checkpoint
 
-  python launch/train.py --config=configs/smollm2_adapt.py:sdar4 \
+  python launch/train.py --config=configs/smollm2_adapt.py:sdar \
       --config.train.init_from=CKPT --config.data.train_path=TRAIN.jsonl \
       --config.data.tokenizer_dir=CKPT --config.train.workdir=DIR
 
@@ -17,9 +20,8 @@ one row, id 49152 (`<|mask|>`), to the tied embedding (initialised to the
 mean embedding) and to the tokenizer; `MASK_TOKEN_ID` is that id and
 `VOCAB_SIZE` the extended vocabulary.
 
-Sizes are for a shared 2-core CPU, where one SDAR step on 4 rows of 128
-tokens took ~28 s: 128-token rows, a few dozen steps (the script sets the
-batch and steps). The learning rate is far above the paper-scale
+Sizes are for a 2-core CPU: 128-token rows, a few dozen steps (the script
+sets the batch and steps). The learning rate is far above the paper-scale
 recipe's 1e-5 because the budget is ~10^4 tokens instead of ~10^10.
 """
 
@@ -31,28 +33,30 @@ SMOLLM2_VOCAB_SIZE = 49152
 MASK_TOKEN_ID = SMOLLM2_VOCAB_SIZE  # the added row
 VOCAB_SIZE = SMOLLM2_VOCAB_SIZE + 1
 MASK_TOKEN = "<|mask|>"
-STAGES = {"sdar4": ("sdar", 4), "sdar8": ("sdar", 8), "ar": ("ar", None)}
+BLOCK_SIZES = (4, 8)  # mixed B: the SDAR stage trains, and is evaluated, at both
+STAGES = ("sdar", "ar")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """arg: the stage, one of "sdar4" (default), "sdar8", "ar"."""
-    stage = arg or "sdar4"
+    """arg: the stage, "sdar" (default) or "ar"."""
+    stage = arg or "sdar"
     if stage not in STAGES:
-        raise ValueError(f"configs/smollm2_adapt.py: arg is {arg!r}; expected one of {tuple(STAGES)}")
-    kind, block = STAGES[stage]
+        raise ValueError(f"configs/smollm2_adapt.py: arg is {arg!r}; expected one of {STAGES}")
     config = base_config()
 
     # The architecture comes from train.init_from's config.json.
     config.model.overrides.update(dict(vocab_size=VOCAB_SIZE, mask_token_id=MASK_TOKEN_ID))
-    if block is not None:
-        config.model.overrides.block_size = block
-
-    config.objective.kind = kind
-    config.objective.block_size = block or 4  # unused by the AR objective
+    config.objective.kind = stage
+    config.objective.block_size = BLOCK_SIZES[0]  # unused by the AR objective
+    if stage == "sdar":
+        # Written into the export's config.json, which the decoder honours.
+        config.model.overrides.logits_convention = "shifted"
+        config.model.overrides.block_size = BLOCK_SIZES[0]
+        config.objective.mixed_block_sizes = BLOCK_SIZES
     config.objective.normalization = "non_prompt"
 
     config.data.seq_len = 128
-    config.data.global_batch_size = 8
+    config.data.global_batch_size = 4
     config.data.long_examples = "split"
     config.data.read_threads = 1
 
@@ -62,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.weight_decay = 0.0
     config.optimizer.b2 = 0.99
 
-    config.train.steps = 20 if stage != "sdar8" else 10
+    config.train.steps = 20
     config.train.log_every = 4
     config.train.eval_every = 10_000  # held-out numbers come from the experiment script
     config.train.checkpoint_every = 10_000  # the last step is always saved

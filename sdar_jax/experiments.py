@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 
 from sdar_jax.checkpoint.params import load_params_checkpoint
 from sdar_jax.data.tokenizer import Tokenizer
@@ -58,7 +59,8 @@ def train_stage(config: ml_collections.ConfigDict, name: str,
 
     Returns:
       export_dir, steps, seconds (wall), cpu_seconds (this process), losses
-      (per step), final_loss, final_accuracy.
+      (per step), final_loss, final_accuracy, median_step_seconds (the steps
+      the trainer timed: compilation excluded; None when it timed none).
 
     Raises:
       RuntimeError: the run stopped (preempted) before exporting its params.
@@ -70,9 +72,12 @@ def train_stage(config: ml_collections.ConfigDict, name: str,
     if result.export_dir is None:
         raise RuntimeError(f"the {name} run stopped at step {result.step} without exporting params")
     losses = [h["loss"] for h in result.history]
+    step_seconds = [h["num_tokens"] / h["tokens_per_s"] for h in result.history
+                    if h.get("tokens_per_s")]
     return {"export_dir": result.export_dir, "steps": result.step, "seconds": seconds,
             "cpu_seconds": cpu_seconds, "losses": losses, "final_loss": losses[-1],
-            "final_accuracy": result.history[-1]["accuracy"]}
+            "final_accuracy": result.history[-1]["accuracy"],
+            "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None}
 
 
 def ar_row(name: str, model: str, max_new_tokens: int, stop_ids: Sequence[int]) -> DecodeRow:

@@ -112,3 +112,25 @@ def test_tokenizer_loads_and_encodes_like_transformers(smollm2):
     assert ours.apply_chat_template(CHAT, add_generation_prompt=True) == theirs.apply_chat_template(
         CHAT, add_generation_prompt=True, tokenize=False
     )
+
+
+def test_mask_token_added_to_smollm2(smollm2, tmp_path):
+    """The SDAR adaptation's first step on the real checkpoint: <|mask|> becomes id 49152,
+    text encodes as before, and the tied head's logits over the old vocabulary are unchanged."""
+    from sdar_jax.checkpoint.mask_token import add_mask_token
+    from sdar_jax.data.tokenizer import load_tokenizer
+    from tests.helpers.parity import sdar_logits
+
+    _, ckpt, config, params = smollm2
+    out = add_mask_token(str(ckpt), str(tmp_path / "base"), "<|mask|>", block_size=4)
+    new_config, new_params = load_params_checkpoint(out)
+    assert (new_config.vocab_size, new_config.mask_token_id) == (49153, 49152)
+    old_tok, new_tok = load_tokenizer(ckpt), load_tokenizer(out)
+    assert new_tok.mask_token_id == 49152 and new_tok.encode("<|mask|>") == [49152]
+    for text in PROMPTS:
+        assert new_tok.encode(text) == old_tok.encode(text)
+    tokens = np.asarray([old_tok.encode(PROMPTS[0])])
+    positions = np.arange(tokens.shape[1])[None]
+    before = sdar_logits(config, params, tokens, positions, "causal")
+    after = sdar_logits(new_config, new_params, tokens, positions, "causal")
+    np.testing.assert_allclose(after[..., :49152], before, atol=1e-4, rtol=0)

@@ -481,19 +481,8 @@ def evaluate(params: Any, model_config: ModelConfig, tokenizer: Tokenizer,
         raise ValueError(f"n_samples={settings.n_samples} needs temperature > 0 (greedy decoding "
                          "gives the same sample every time)")
     prompt_ids = encode_prompts(tokenizer, [e["prompt"] for e in examples], settings.chat)
-    lengths = [len(ids) for ids in prompt_ids]
-    capacity = prompt_capacity(model_config, decode_config)
-    if max(lengths) > capacity:
-        longest = int(np.argmax(lengths))
-        raise ValueError(
-            f"example {longest} has a {lengths[longest]}-token prompt; with max_new_tokens="
-            f"{decode_config.max_new_tokens} the model's max_position_embeddings="
-            f"{model_config.max_position_embeddings} leaves room for {capacity}")
-    # Rounding a bucket up must not push its canvas past the model's positions.
-    boundaries = sorted({min(b, capacity) for b in bucket_boundaries(
-        lengths, settings.num_buckets, settings.bucket_multiple)})
-    plans = plan_batches(lengths, settings.n_samples, boundaries, settings.batch_size)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    boundaries, plans = _plan(model_config, prompt_ids, decode_config, settings)
+    pad_id = _pad_id(tokenizer)
 
     def record(e: int, rows: Sequence[RowOutput]) -> dict[str, Any]:
         texts = [decode_text(tokenizer, r.token_ids) for r in rows]
@@ -518,6 +507,58 @@ def evaluate(params: Any, model_config: ModelConfig, tokenizer: Tokenizer,
     summary = summarize(records, stats, settings, decode_config)
     summary["bucket_lengths"] = boundaries
     return EvalResult(records=records, summary=summary)
+
+
+def _plan(model_config: ModelConfig, prompt_ids: Sequence[Sequence[int]],
+          decode_config: decoder.DecodeConfig, settings: EvalSettings
+          ) -> tuple[list[int], list[BatchPlan]]:
+    """The bucket boundaries and decoder calls of `prompt_ids`; a prompt whose canvas does
+    not fit the model's positions is refused, naming it."""
+    lengths = [len(ids) for ids in prompt_ids]
+    capacity = prompt_capacity(model_config, decode_config)
+    if max(lengths) > capacity:
+        longest = int(np.argmax(lengths))
+        raise ValueError(
+            f"example {longest} has a {lengths[longest]}-token prompt; with max_new_tokens="
+            f"{decode_config.max_new_tokens} the model's max_position_embeddings="
+            f"{model_config.max_position_embeddings} leaves room for {capacity}")
+    # Rounding a bucket up must not push its canvas past the model's positions.
+    boundaries = sorted({min(b, capacity) for b in bucket_boundaries(
+        lengths, settings.num_buckets, settings.bucket_multiple)})
+    return boundaries, plan_batches(lengths, settings.n_samples, boundaries, settings.batch_size)
+
+
+def _pad_id(tokenizer: Tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def generate_texts(params: Any, model_config: ModelConfig, tokenizer: Tokenizer,
+                   prompts: Sequence[str], decode_config: decoder.DecodeConfig,
+                   settings: EvalSettings) -> list[str]:
+    """The model's completion of each prompt (one sample each, text up to the first stop id,
+    special tokens dropped), decoded in the same buckets and batches as `evaluate`.
+
+    Args:
+      params, model_config: the model.
+      tokenizer: encodes the prompts (through the chat template with
+        `settings.chat`) and decodes the completions.
+      prompts: the prompt texts.
+      decode_config: decoding knobs; its stop_ids end each completion.
+      settings: batching (batch_size, num_buckets, bucket_multiple), chat,
+        seed and progress; n_samples must be 1.
+    """
+    if not prompts:
+        raise ValueError("generate_texts: no prompts")
+    if settings.n_samples != 1:
+        raise ValueError(f"generate_texts: one completion per prompt; n_samples is {settings.n_samples}")
+    prompt_ids = encode_prompts(tokenizer, prompts, settings.chat)
+    _, plans = _plan(model_config, prompt_ids, decode_config, settings)
+    outputs, _ = decode_plan(params, model_config, prompt_ids, plans, decode_config,
+                             seed=settings.seed, pad_id=_pad_id(tokenizer),
+                             progress=settings.progress)
+    stops = set(decode_config.stop_ids)
+    return [decode_text(tokenizer, [t for t in outputs[(e, 0)].token_ids if t not in stops])
+            for e in range(len(prompts))]
 
 
 def write_jsonl(path: str | os.PathLike[str], records: Sequence[Mapping[str, Any]]) -> None:

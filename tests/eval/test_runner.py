@@ -223,6 +223,31 @@ def test_end_to_end_matches_one_unbucketed_batch(tiny_model):
     assert len(result.summary["bucket_lengths"]) == 2
 
 
+def test_generate_texts_match_one_unbucketed_ar_batch(tiny_model):
+    """Completions through buckets and continuous batching equal one plain AR decoder call
+    on all prompts, cut at the first stop id, special tokens dropped."""
+    cfg, params = tiny_model
+    prompts = [e["prompt"] for e in tasks.load_split("test")][::97][:5]
+    dc = DecodeConfig(mode="ar", max_new_tokens=6, stop_ids=STOP)
+    settings = runner.EvalSettings(batch_size=2, num_buckets=2, progress=False)
+    texts = runner.generate_texts(params, cfg, TOK, prompts, dc, settings)
+
+    ids = runner.encode_prompts(TOK, prompts, chat=True)
+    tokens = np.zeros((len(ids), max(map(len, ids))), np.int32)
+    for i, x in enumerate(ids):
+        tokens[i, :len(x)] = x
+    ref = jax.device_get(decoder.generate(params, cfg, tokens, np.asarray([len(x) for x in ids]),
+                                          jax.random.key(0), dc))
+    expected = [TOK.decode([t for t in ref.tokens[i, :ref.lengths[i]]
+                            if t < TOK.vocab_size and t not in STOP], skip_special_tokens=True)
+                for i in range(len(prompts))]
+    assert texts == expected
+    assert any(texts)  # a random model still writes something
+    with pytest.raises(ValueError, match="n_samples"):
+        runner.generate_texts(params, cfg, TOK, prompts, dc,
+                              runner.EvalSettings(n_samples=2, ks=(1,), progress=False))
+
+
 @pytest.mark.parametrize("mode, block, expect", [("ar", 4, 100 - 13), ("diffusion", 8, 96 - 13),
                                                  ("diffusion", 4, 100 - 13)])
 def test_prompt_capacity_is_the_longest_prompt_whose_canvas_fits(mode, block, expect):
