@@ -34,8 +34,9 @@ Models: random weights by default (a ~100M-parameter Qwen3-shaped SDAR
 config; its confidences are low, so TPF stays near 1), or the demo's
 trained models with `--demo-dir DIR` (the output directory of
 `launch/demo.py`: demo_summary.json's `training.<stage>.export_dir`; `ar`
-is the AR model, `sdar` the one adapted at B=4, `sdar_b8` if present the
-one adapted at B=8, else B=8 decodes the B=4 model). The demo's held-out
+is the AR model, `sdar` the SDAR model (adapted at B=4, or with B drawn
+from a set, as the demo's default recipe does), `sdar_b8` if present the one
+adapted at B=8, else B=8 decodes the `sdar` model). The demo's held-out
 problems are the prompts (chat template, the tokenizer's stop ids), and
 `--num-prompts` defaults to all of them; with random weights it defaults
 to the batch size. `--random-stop-ids K` makes K random vocabulary ids stop
@@ -188,8 +189,12 @@ class _Models:
                                                add_generation_prompt=True) for e in test]
         self.prompts = [tokenizer.encode(t) for t in texts]
         self.max_new = args.max_new_tokens or summary["max_new_tokens"]
+        mixed = summary.get("configs", {}).get("sdar", {}).get("objective", {}).get("mixed_block_sizes")
+        b8_model = ("sdar_b8" if "sdar_b8" in training
+                    else f"the sdar model (trained with B drawn from {mixed})" if mixed and 8 in mixed
+                    else "the B=4 model")
         self.name = (f"demo models of {args.demo_dir} ({self.ar[0].num_params / 1e6:.1f}M params; "
-                     f"B=8 rows: {'sdar_b8' if 'sdar_b8' in training else 'the B=4 model'})")
+                     f"B=8 rows: {b8_model})")
 
     def sdar(self, b: int):
         return self.sdar4 if b == 4 else self.sdar8
