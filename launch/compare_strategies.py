@@ -39,6 +39,7 @@ from sdar_jax.data import tasks
 from sdar_jax.data.tokenizer import Tokenizer
 from sdar_jax.decode.decoder import DecodeConfig
 from sdar_jax.eval import runner
+from sdar_jax.eval.report import markdown_table
 from sdar_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,16 +176,13 @@ def adapt(init_from: str, block_length: int, steps: int, train_path: str, out: s
             "reused": False, "config": cfg.to_dict()}
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+def results_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """Rows as a GitHub markdown table (accuracy ± binomial standard error, in %)."""
     header = ("decoding", "acc % ± se", "n", "TPF", "forwards / problem", "tokens/s")
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * 5) + "|"]
-    for r in rows:
-        cells = (r["name"], f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_stderr']:.1f}",
-                 str(r["n"]), f"{r['tpf']:.2f}", f"{r['forwards_per_problem']:.1f}",
-                 f"{r['tokens_per_second']:.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = [(r["name"], f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_stderr']:.1f}",
+              str(r["n"]), f"{r['tpf']:.2f}", f"{r['forwards_per_problem']:.1f}",
+              f"{r['tokens_per_second']:.0f}") for r in rows]
+    return "\n".join(markdown_table(header, cells))
 
 
 def evaluate_rows(rows: Sequence[Row], exports: dict[int, str], tokenizer: Tokenizer,
@@ -240,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
                                    progress=not args.no_progress)
     results = evaluate_rows(rows, {b: t["export_dir"] for b, t in training.items()}, tokenizer,
                             test, settings, out)
-    table = markdown_table(results)
+    table = results_markdown(results)
     sources = "; ".join(
         f"B={b}: " + (f"reused {t['export_dir']}" if t["reused"]
                       else f"adapted {t['steps']} steps from {args.init_from}")

@@ -5,24 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence
 
+from sdar_jax.eval.report import markdown_table
+
 TASK_ORDER = ("add", "mul", "sort", "word")
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
-                   right: Sequence[bool] | None = None) -> list[str]:
-    """GitHub markdown table lines; `right[i]` right-aligns column i (default: all but the first)."""
-    right = right if right is not None else [i > 0 for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---:" if r else "---" for r in right) + "|"]
-    for row in rows:
-        if len(row) != len(header):
-            raise ValueError(f"markdown_table: a row has {len(row)} cells; the header {len(header)}")
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
 
 
 def _recipe(config: Mapping[str, Any]) -> str:

@@ -36,6 +36,19 @@ def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[tuple[s
     return "\n".join(lines)
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
+                   right: Sequence[bool] | None = None) -> list[str]:
+    """GitHub markdown table lines; `right[i]` right-aligns column i (default: all but the first)."""
+    right = right if right is not None else [i > 0 for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"markdown_table: a row has {len(row)} cells; the header {len(header)}")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
