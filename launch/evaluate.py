@@ -4,7 +4,7 @@
       [--style gsm8k|math|math_hendrycks|exact]
       [--gsm8k-extract last-marker|strict-match|flexible-extract]
       [--n-samples N] [--k 1,5] [--output FILE.jsonl] [--summary FILE.json]
-      [--batch-size N] [--num-buckets N] [--seed S] [--limit N] [--mesh fsdp=4,tensor=2]
+      [--batch-size N] [--num-buckets N] [--seed S] [--limit N] [--mesh fsdp=4,tensor=2] [--scan-layers]
       [every decoding flag of launch/generate.py: --mode --block-length --steps --strategy
        --threshold --temperature --top-k --top-p --max-new-tokens --stop-ids ...]
 
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise UsageError(f"--data: {e}") from e
     examples = examples[:args.limit]
-    model = load_inference_model(args.ckpt, args.mesh)
+    model = load_inference_model(args.ckpt, args.mesh, args.scan_layers)
     config = model.config
     tokenizer_dir = args.tokenizer or args.ckpt
     try:

@@ -6,7 +6,7 @@
       [--said-stages K] [--said-rec-steps R] [--said-threshold T] [--chlg-threshold TAU]
       [--chlg-extra-steps N] [--temperature T] [--top-k K] [--top-p P]
       [--max-new-tokens G] [--stop-ids 151645,151643] [--batch-size N] [--seed S]
-      [--mesh fsdp=4,tensor=2] [--compilation-cache DIR|off]
+      [--mesh fsdp=4,tensor=2] [--scan-layers] [--compilation-cache DIR|off]
 
 CKPT_DIR is what `launch/convert_checkpoint.py hf-to-jax` (or the trainer)
 writes: `config.json` and `params/`, plus tokenizer files. A prompts file
@@ -31,6 +31,11 @@ config, `-1` for the devices left over), the params restored straight into
 their shardings. On several hosts run the same command on every host
 (multi-host start-up as `launch/train.py`); every process decodes every
 prompt and process 0 streams, prints and writes the results.
+
+The layers' params are split into per-layer buffers once at load, so that
+a forward reads each weight in place (`--scan-layers` keeps the scanned
+stack: one layer program to compile, but on XLA:CPU every forward copies
+each layer's weights first; docs/benchmarks.md has the measurement).
 """
 
 from __future__ import annotations
@@ -224,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     except DecodingArgsError as e:
         raise UsageError(str(e)) from e
     items = _read_prompts(args)
-    model = load_inference_model(args.ckpt, args.mesh)
+    model = load_inference_model(args.ckpt, args.mesh, args.scan_layers)
     config = model.config
     tokenizer = _load_tokenizer(args, needed=any("prompt" in item for item in items))
     prompts = _encode(items, tokenizer, args.chat, config.vocab_size)

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from sdar_jax.checkpoint.params import load_params_checkpoint
+from sdar_jax.checkpoint.sharded_restore import load_for_inference
 from sdar_jax.data.tokenizer import Tokenizer
 from sdar_jax.decode.decoder import DecodeConfig
 from sdar_jax.eval import report, runner
@@ -130,11 +131,11 @@ def evaluate_rows(rows: Sequence[DecodeRow], exports: Mapping[str, str], tokeniz
     missing = sorted({r.model for r in rows} - set(exports))
     if missing:
         raise KeyError(f"evaluate_rows: rows name models {missing} with no export; have {sorted(exports)}")
-    models = {key: load_params_checkpoint(exports[key]) for key in {r.model for r in rows}}
+    models = {key: load_for_inference(exports[key]) for key in {r.model for r in rows}}
     results = []
     for row in rows:
         log(f"[experiments] evaluating {row.name}")
-        config, params = models[row.model]
+        config, params, _ = models[row.model]
         result = runner.evaluate(params, config, tokenizer, examples, row.decode, settings)
         records = os.path.join("eval", f"{row.slug}.jsonl")
         runner.write_jsonl(os.path.join(out, records), result.records)

@@ -36,6 +36,7 @@ from sdar_jax.checkpoint.dtypes import NUMPY_DTYPES
 from sdar_jax.checkpoint.params import PARAMS_SUBDIR, load_params_checkpoint
 from sdar_jax.config import ModelConfig, load_hf_config
 from sdar_jax.model import sharding as model_sharding
+from sdar_jax.model import transformer
 from sdar_jax.parallel import ParallelConfig, Rules, ShardingContext, parse_mesh_spec
 
 class RestoreError(ValueError):
@@ -172,10 +173,16 @@ class InferenceModel(NamedTuple):
     context: ShardingContext | None
 
 
-def load_for_inference(ckpt_dir: str | os.PathLike, mesh: str | None = None) -> InferenceModel:
+def load_for_inference(ckpt_dir: str | os.PathLike, mesh: str | None = None, *,
+                       unroll_layers: bool = True) -> InferenceModel:
     """What `--mesh` selects for generate and evaluate: without a mesh the params are read whole
     onto the first local device (`checkpoint.params.load_params_checkpoint`); with one, `setup_inference`
     restores each straight into its sharding.
+
+    `unroll_layers` splits the layers' stack into per-layer buffers
+    (`transformer.unstack_layers`, each stacked array freed once split), the
+    layout decoding reads fastest; False keeps the scanned stack (one layer
+    program to compile).
 
     Raises:
       ValueError (ConversionError, ParallelConfigError, RestoreError, ConfigError): a bad
@@ -183,9 +190,13 @@ def load_for_inference(ckpt_dir: str | os.PathLike, mesh: str | None = None) -> 
     """
     if mesh is None:
         config, params = load_params_checkpoint(ckpt_dir)
-        return InferenceModel(config, params, None)
-    setup = setup_inference(ckpt_dir, mesh)
-    return InferenceModel(setup.config, setup.params, setup.context)
+        context = None
+    else:
+        setup = setup_inference(ckpt_dir, mesh)
+        config, params, context = setup.config, setup.params, setup.context
+    if unroll_layers:
+        params = transformer.unstack_layers(params, free_stacked=True)
+    return InferenceModel(config, params, context)
 
 
 def activate(context: ShardingContext | None) -> ContextManager[Any]:

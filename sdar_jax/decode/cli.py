@@ -178,7 +178,12 @@ def enable_compilation_cache(args: argparse.Namespace) -> str | None:
 
 
 def add_mesh_args(parser: argparse.ArgumentParser) -> None:
-    """Adds --mesh AXIS=SIZE,..."""
+    """Adds --mesh AXIS=SIZE,... and --scan-layers (how the params are placed for decoding)."""
+    parser.add_argument(
+        "--scan-layers", action="store_true",
+        help="keep the layers as one scanned stack (one layer program to compile) instead of "
+             "separate per-layer buffers, which decoding reads faster (XLA:CPU copies each "
+             "layer's slice of a stacked weight inside a scan)")
     parser.add_argument(
         "--mesh", default=None, metavar="AXIS=SIZE,...",
         help="decode on a device mesh, e.g. fsdp=4,tensor=2 or data=-1,tensor=8 (axes data, fsdp, "

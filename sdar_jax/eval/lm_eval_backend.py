@@ -69,6 +69,7 @@ from sdar_jax.decode.cli import add_decoding_args, decode_config_from_args, reso
 from sdar_jax.decode.decoder import DecodeConfig
 from sdar_jax.data.tokenizer import load_tokenizer
 from sdar_jax.eval import loglikelihood, runner
+from sdar_jax.model import transformer
 
 MODEL_NAME = "sdar_jax"
 GENERATION_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k")
@@ -229,7 +230,8 @@ class SdarJaxLM(TemplateLM):
         self.likelihood = loglikelihood.LikelihoodSettings(
             mode=self.decode_config.mode, block_length=self.decode_config.block_length,
             mc_samples=self.mc_samples, batch_size=self.batch_size, seed=self.seed)
-        self.params = params
+        # Decoded and scored many times: the per-layer layout reads each weight once.
+        self.params = transformer.unstack_layers(params, free_stacked=True)
         self.totals = DecodeTotals()
 
     # ---- lm-eval's tokenizer interface ---------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The Qwen3 / SDAR / Llama decoder: embeddings, scanned pre-norm layers, head.
+"""The Qwen3 / SDAR / Llama decoder: embeddings, pre-norm layers (scanned or unrolled), head.
 
 One definition serves training (a whole row, any mask) and decoding (a few
 tokens against a static KV cache). Parameters are a plain pytree; every call
@@ -116,6 +116,9 @@ class Transformer(nn.Module):
     """
 
     config: ModelConfig
+    # False: the layers' params are separate trees "layers_0", ... (`unstack_layers`)
+    # and the forward runs them one after another instead of scanning a stack.
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(
@@ -156,17 +159,27 @@ class Transformer(nn.Module):
         layer_cls = DecoderLayer
         if cfg.remat_policy != "none":
             layer_cls = nn.remat(DecoderLayer, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
-        layers = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, mask, name="layers")
         layer_caches = None if cache is None else (cache.k, cache.v)
         router_totals = RouterStats.zeros(cfg.num_experts) if cfg.is_moe else jnp.zeros((), jnp.float32)
-        (x, router_totals), layer_caches = layers((x, router_totals), layer_caches, positions, segment_ids)
+        carry = (x, router_totals)
+        if self.scan_layers:
+            layers = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, mask, name="layers")
+            carry, layer_caches = layers(carry, layer_caches, positions, segment_ids)
+        else:
+            for i in range(cfg.num_layers):
+                layer_cache = None if cache is None else (layer_caches[0][i], layer_caches[1][i])
+                carry, layer_cache = layer_cls(cfg, mask, name=f"layers_{i}")(
+                    carry, layer_cache, positions, segment_ids)
+                if cache is not None:
+                    layer_caches = tuple(c.at[i].set(n) for c, n in zip(layer_caches, layer_cache))
+        x, router_totals = carry
         aux_loss = load_balancing_loss(router_totals) if cfg.is_moe else router_totals
         new_cache = None if cache is None else KVCache(k=layer_caches[0], v=layer_caches[1])
 
@@ -215,5 +228,52 @@ def param_logical_axes(config: ModelConfig) -> dict:
 def apply(
     config: ModelConfig, params: dict, tokens: jnp.ndarray, positions: jnp.ndarray, **kwargs: Any
 ) -> ModelOutput:
-    """Shorthand for `Transformer(config).apply({"params": params}, tokens, positions, **kwargs)`."""
-    return Transformer(config).apply({"params": params}, tokens, positions, **kwargs)
+    """Shorthand for `Transformer(config).apply({"params": params}, tokens, positions, **kwargs)`;
+    params in either layout (stacked "layers", or per layer from `unstack_layers`)."""
+    module = Transformer(config, scan_layers="layers" in params)
+    return module.apply({"params": params}, tokens, positions, **kwargs)
+
+
+def unstack_layers(params: dict, *, free_stacked: bool = False) -> dict:
+    """The params with the scanned stack "layers" (leading [layers] axis) split into
+    separate trees "layers_0", "layers_1", ...: the layout of an unrolled forward.
+
+    Decoding reads every weight once per forward; inside a scan XLA:CPU copies
+    each layer's slice of a stacked weight before its matrix product, so an
+    unrolled forward over separate buffers reads the weights once instead of
+    three times (docs/benchmarks.md, bench/release_decode.py). Call it once,
+    outside jit, on params that are then decoded with; `transformer.apply`
+    takes either layout. A sharded leaf's layers keep its sharding of the
+    other axes.
+
+    Args:
+      params: a param tree with "layers".
+      free_stacked: delete each stacked array once it is split, so that the
+        peak memory is the weights plus one stacked array (not twice the
+        weights); `params` must not be used afterwards.
+    """
+    if "layers" not in params:
+        raise ValueError(f"unstack_layers: params have no stacked 'layers' (keys: {sorted(params)})")
+    stacked = params["layers"]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+
+    def split(leaf):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            spec = jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:])
+            layer_sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
+            take = jax.jit(lambda x, i: x[i], out_shardings=layer_sharding)
+            layers = [take(leaf, i) for i in range(num_layers)]
+        else:
+            layers = [leaf[i] for i in range(num_layers)]
+        if free_stacked and isinstance(leaf, jax.Array):
+            jax.block_until_ready(layers)
+            leaf.delete()
+        return layers
+
+    per_leaf = jax.tree.map(split, stacked)
+    out = {name: tree for name, tree in params.items() if name != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda layers, i=i: layers[i], per_leaf,
+                                          is_leaf=lambda x: isinstance(x, list))
+    return out

@@ -239,3 +239,18 @@ def test_resuming_under_a_mesh_compiles_once():
     assert decoder._resume._cache_size() == compiled + 1
     assert sorted(finished) == list(range(len(PROMPTS)))
     np.testing.assert_array_equal(got.canvas, want.canvas)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_per_layer_params_decode_the_same_tokens(model, temperature):
+    """What generate and evaluate decode with (layers split at load) equals the scanned stack."""
+    config, params = model
+    dc = DecodeConfig(block_length=4, steps=4, strategy="low_confidence_dynamic", threshold=0.9,
+                      temperature=temperature, max_new_tokens=MAX_NEW, stop_ids=(1,))
+    tokens, lengths = _padded(PROMPTS)
+    keys = jax.random.split(jax.random.key(3), len(PROMPTS))
+    want = jax.device_get(generate_many(params, config, tokens, lengths, keys, dc, num_slots=2))
+    got = jax.device_get(generate_many(transformer.unstack_layers(params), config, tokens, lengths,
+                                       keys, dc, num_slots=2))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.num_forwards, want.num_forwards)
