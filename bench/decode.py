@@ -4,7 +4,7 @@
       [--threshold 0.9] [--num-prompts N] [--prompt-length 32] [--max-new-tokens 128]
       [--schedules plain,continuous] [--fused-forwards when_needed,always] [--repeats 2]
       [--preset bench-100m|tiny|...] [--logit-scale S] [--dtype float32|bfloat16] [--small]
-      [--scan-layers]
+      [--stored-layout]
 
 For every batch size, AR decoding and SDAR decoding (low_confidence_dynamic
 at `--threshold`, steps = B) at each block length, from the same prompts,
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--small", action="store_true",
                         help="tiny preset, 32 new tokens, batch sizes 1,8: a quick check")
-    parser.add_argument("--scan-layers", action="store_true",
+    parser.add_argument("--stored-layout", action="store_true",
                         help="decode with the layers as one scanned stack (the default splits "
                              "them into per-layer buffers, as generate and evaluate do)")
     parser.add_argument("--seed", type=int, default=0)
@@ -163,7 +163,7 @@ class _Models:
             head = "embed_tokens" if config.tie_word_embeddings else "lm_head"
             leaf = "embedding" if config.tie_word_embeddings else "kernel"
             params[head][leaf] = params[head][leaf] * args.logit_scale
-            if not args.scan_layers:
+            if not args.stored_layout:
                 params = transformer.unstack_layers(params, free_stacked=True)
             self.ar = self.sdar4 = self.sdar8 = (config, params)
             self.name = (f"random {args.preset} ({config.num_params / 1e6:.1f}M params, "
@@ -185,7 +185,7 @@ class _Models:
 
         def load(stage):
             config, params = load_params_checkpoint(training[stage]["export_dir"], args.dtype)
-            if not args.scan_layers:
+            if not args.stored_layout:
                 params = transformer.unstack_layers(params, free_stacked=True)
             return config, params
 
@@ -263,7 +263,7 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
                     batch_tpf=generated / (batch_forwards * slots),
                     slot_use=int(out["num_forwards"].sum()) / (batch_forwards * slots),
                     ratio=rate / ar_rate, cpu_seconds=time.process_time() - cpu))
-    layout = "one scanned stack" if args.scan_layers else "per-layer buffers"
+    layout = "one scanned stack" if args.stored_layout else "per-layer buffers"
     return f"{models.name}, layers as {layout}", rows
 
 

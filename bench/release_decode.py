@@ -3,7 +3,7 @@
   python bench/release_decode.py --release-generate PATH/generate.py [--out DIR]
       [--num-prompts 16] [--prompt-length 30] [--max-new-tokens 64] [--block-length 4]
       [--steps 4] [--threshold 0.9] [--layers 8] [--hidden 512] [--vocab 8192] [--repeats 3]
-      [--layer-layouts scanned,unrolled] [--seed 0]
+      [--layouts stored,per_layer,decoding] [--seed 0]
 
 Needs the test requirements (torch, transformers) besides sdar_jax's own, and
 the release's built-in inference script: `generate.py` of JetAstra/SDAR
@@ -45,8 +45,11 @@ the previous block), the matrix products of every weight alone (separate
 buffers, B and 2B random rows), and the proposal step (softmax, argmax,
 confidence over the vocabulary); the rest of the loop's time per forward is
 the loop itself (cache writes, the commit, bookkeeping).
-`--layer-layouts` decodes with the layers as one scanned stack and unrolled
-over per-layer buffers (`transformer.unstack_layers`). Writes
+`--layouts` names the params' layouts sdar_jax decodes with: `stored` (the
+layers as one scanned stack, kernels [in, out]), `per_layer` (per-layer
+buffers, `transformer.unstack_layers`) and `decoding` (per-layer buffers and
+the large kernels out-major, `transformer.out_major_kernels`: what generate
+and evaluate decode with on CPU at batch 1). Writes
 `release_decode.json` and `release_decode.md` to `--out`. Exits 1 if the
 tokens differ.
 """
@@ -71,9 +74,10 @@ from sdar_jax.decode.decoder import DecodeConfig, generate_many
 from sdar_jax.checkpoint.params import load_params_checkpoint
 from sdar_jax.eval.report import markdown_table
 from sdar_jax.model import transformer
+from sdar_jax.model.layers import out_major_product
 from sdar_jax.model.attention import MaskSpec
 
-LAYER_LAYOUTS = ("scanned", "unrolled")
+LAYOUTS = ("stored", "per_layer", "decoding")
 PROFILE_REPEATS = 10
 
 
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--layer-layouts", type=_names, default=list(LAYER_LAYOUTS))
+    parser.add_argument("--layouts", type=_names, default=list(LAYOUTS))
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -260,31 +264,40 @@ def forward_ms(config, params, dc: DecodeConfig, canvas_len: int, position: int,
     return {"forward_B": forward(b, None), "forward_2B": forward(2 * b, (b, 2 * b))}
 
 
+def projection_matrices(params: dict) -> list[jnp.ndarray]:
+    """Every per-layer projection kernel (and the head) as a 2-D [in, out] matrix."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(transformer.unstack_layers(params))[0]:
+        names = [getattr(k, "key", None) for k in path]
+        if names[-1] == "kernel" and names[-2] in transformer.PROJECTION_AXES:
+            num_in, _ = transformer.PROJECTION_AXES[names[-2]]
+            out.append(leaf.reshape(int(np.prod(leaf.shape[:num_in])), -1))
+    return out
+
+
 def parts_ms(config, params, dc: DecodeConfig, repeats: int) -> dict[str, float]:
-    """ms of what a forward is made of, each jitted alone: the matrix products of every
-    weight (on separate buffers) for B and 2B rows, and the proposal step over the vocabulary
-    (softmax, argmax, confidence) for one block."""
+    """ms of what a forward is made of, each jitted alone: the products of B and of 2B
+    random rows with every projection matrix, [in, out] (x @ w) and out-major
+    (`layers.out_major_product`), and the proposal step over the vocabulary (softmax,
+    argmax, confidence) for one block."""
     b = dc.block_length
-    weights = [w for path, w in jax.tree_util.tree_flatten_with_path(_per_layer(params))[0]
-               if w.ndim == 2 and "embed_tokens" not in jax.tree_util.keystr(path)]
+    matrices = projection_matrices(params)
+    transposed = [jnp.asarray(np.ascontiguousarray(np.asarray(w).T)) for w in matrices]
     draw = np.random.default_rng(0)
+    in_major = jax.jit(lambda ws, xs: [x @ w for w, x in zip(ws, xs)])
+    out_major = jax.jit(lambda ws, xs: [out_major_product(x, w, 1) for w, x in zip(ws, xs)])
     out = {}
-    for n, name in ((b, "matmuls_B"), (2 * b, "matmuls_2B")):
-        # Random rows passed in: products of constants would be folded away.
-        rows = {k: jnp.asarray(draw.standard_normal((n, k)), weights[0].dtype)
-                for k in {w.shape[0] for w in weights}}
-        fn = jax.jit(lambda ws, xs: [xs[w.shape[0]] @ w for w in ws])
-        out[name] = _best_seconds(lambda: fn(weights, rows), repeats)[0] * 1e3
+    for n, suffix in ((b, "B"), (2 * b, "2B")):
+        # Random rows passed in: products with constants would be folded away.
+        rows = [jnp.asarray(draw.standard_normal((n, w.shape[0])), w.dtype) for w in matrices]
+        out[f"matmuls_{suffix}"] = _best_seconds(lambda: in_major(matrices, rows), repeats)[0] * 1e3
+        out[f"out_major_matmuls_{suffix}"] = _best_seconds(
+            lambda: out_major(transposed, rows), repeats)[0] * 1e3
     logits = jax.random.normal(jax.random.key(1), (1, b, config.vocab_size), jnp.float32)
     propose = jax.jit(lambda x: sampling.propose(x, jax.random.key(2)[None], temperature=None,
                                                  top_k=0, top_p=None))
     out["propose"] = _best_seconds(lambda: propose(logits), repeats)[0] * 1e3
     return out
-
-
-def _per_layer(params: dict) -> dict:
-    """Separate buffers per layer (a no-op if the params already are)."""
-    return transformer.unstack_layers(params) if "layers" in params else params
 
 
 def weight_bytes_per_forward(params: dict, config) -> int:
@@ -299,9 +312,9 @@ def weight_bytes_per_forward(params: dict, config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for layout in args.layer_layouts:
-        if layout not in LAYER_LAYOUTS:
-            print(f"--layer-layouts: {layout!r} is not one of {LAYER_LAYOUTS}", file=sys.stderr)
+    for layout in args.layouts:
+        if layout not in LAYOUTS:
+            print(f"--layouts: {layout!r} is not one of {LAYOUTS}", file=sys.stderr)
             return 2
     if not os.path.isfile(args.release_generate):
         print(f"--release-generate {args.release_generate!r}: no such file", file=sys.stderr)
@@ -326,10 +339,13 @@ def main(argv: list[str] | None = None) -> int:
              "forwards": release["forwards"], "mismatches": 0}]
     profiles = {}
     reference = release["tokens"]
-    for layout in args.layer_layouts:
-        layout_params = _per_layer(params) if layout == "unrolled" else params
+    for layout in args.layouts:
+        layout_params = {"stored": lambda: params,
+                         "per_layer": lambda: transformer.unstack_layers(params),
+                         "decoding": lambda: transformer.out_major_kernels(
+                             transformer.unstack_layers(params), config)}[layout]()
         run = run_sdar_jax(config, layout_params, prompts, dc, args.repeats)
-        rows.append({"decoder": f"sdar_jax, layers {layout}", "seconds": run["seconds"],
+        rows.append({"decoder": f"sdar_jax, params {layout}", "seconds": run["seconds"],
                      "forwards": run["forwards"],
                      "mismatches": int((run["tokens"] != reference).sum()),
                      "row_tpf": run["committed"] / run["denoising_forwards"]})
@@ -361,12 +377,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['vs_release']:.2f}x", f"{100 * r['of_roofline']:.0f} %", str(r["mismatches"])]
          for r in rows]))
     profile_table = "\n".join(markdown_table(
-        ["layers", "decoding loop, per forward", "forward B alone", "forward 2B alone"],
+        ["params", "decoding loop, per forward", "forward B alone", "forward 2B alone"],
         [[layout, f"{p['loop_per_forward']:.2f}", f"{p['forward_B']:.2f}", f"{p['forward_2B']:.2f}"]
          for layout, p in profiles.items()]))
-    parts_line = (f"matrix products alone: {parts['matmuls_B']:.2f} (B rows), {parts['matmuls_2B']:.2f} "
-                  f"(2B rows); proposal over the vocabulary {parts['propose']:.2f}; the weights read "
-                  f"once at the measured bandwidth {floor_ms:.2f}")
+    parts_line = (f"matrix products alone, [in, out]: {parts['matmuls_B']:.2f} (B rows), "
+                  f"{parts['matmuls_2B']:.2f} (2B rows); out-major: {parts['out_major_matmuls_B']:.2f}, "
+                  f"{parts['out_major_matmuls_2B']:.2f}; proposal over the vocabulary "
+                  f"{parts['propose']:.2f}; the weights read once at the measured bandwidth "
+                  f"{floor_ms:.2f}")
     text = (f"{config.num_params / 1e6:.1f}M params, {nbytes / 1e6:.1f} MB of weights per forward; "
             f"read bandwidth {bandwidth['numpy_gbps']:.1f} GB/s (NumPy), {bandwidth['xla_gbps']:.1f} "
             f"GB/s (XLA); {args.num_prompts} prompts x {args.max_new_tokens} tokens, "

@@ -4,7 +4,7 @@
       [--style gsm8k|math|math_hendrycks|exact]
       [--gsm8k-extract last-marker|strict-match|flexible-extract]
       [--n-samples N] [--k 1,5] [--output FILE.jsonl] [--summary FILE.json]
-      [--batch-size N] [--num-buckets N] [--seed S] [--limit N] [--mesh fsdp=4,tensor=2] [--scan-layers]
+      [--batch-size N] [--num-buckets N] [--seed S] [--limit N] [--mesh fsdp=4,tensor=2] [--stored-layout]
       [every decoding flag of launch/generate.py: --mode --block-length --steps --strategy
        --threshold --temperature --top-k --top-p --max-new-tokens --stop-ids ...]
 
@@ -48,7 +48,7 @@ from typing import Any, Sequence
 from sdar_jax.cli import UsageError, load_inference_model, run_main
 from sdar_jax.decode.cli import (
     DecodingArgsError, add_cache_args, add_decoding_args, add_mesh_args, check_writable,
-    decode_config_from_args, enable_compilation_cache, resolve_stop_ids, start_run,
+    decode_config_from_args, enable_compilation_cache, few_rows_layout, resolve_stop_ids, start_run,
 )
 from sdar_jax.eval.runner import EvalSettings
 
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         raise UsageError(f"--data: {e}") from e
     examples = examples[:args.limit]
-    model = load_inference_model(args.ckpt, args.mesh, args.scan_layers)
+    model = load_inference_model(args.ckpt, args.mesh, args.stored_layout)
     config = model.config
     tokenizer_dir = args.tokenizer or args.ckpt
     try:
@@ -189,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         decode_config = decode_config_from_args(args, config, resolve_stop_ids(args, tokenizer, config))
     except ValueError as e:
         raise UsageError(str(e)) from e
+    model = few_rows_layout(model, decode_config, args.batch_size, args.stored_layout)
     output = runner.JsonlStream(args.output) if args.output and writer else None
     try:
         with sharded_restore.activate(model.context):

@@ -6,7 +6,7 @@
       [--said-stages K] [--said-rec-steps R] [--said-threshold T] [--chlg-threshold TAU]
       [--chlg-extra-steps N] [--temperature T] [--top-k K] [--top-p P]
       [--max-new-tokens G] [--stop-ids 151645,151643] [--batch-size N] [--seed S]
-      [--mesh fsdp=4,tensor=2] [--scan-layers] [--compilation-cache DIR|off]
+      [--mesh fsdp=4,tensor=2] [--stored-layout] [--compilation-cache DIR|off]
 
 CKPT_DIR is what `launch/convert_checkpoint.py hf-to-jax` (or the trainer)
 writes: `config.json` and `params/`, plus tokenizer files. A prompts file
@@ -32,10 +32,13 @@ their shardings. On several hosts run the same command on every host
 (multi-host start-up as `launch/train.py`); every process decodes every
 prompt and process 0 streams, prints and writes the results.
 
-The layers' params are split into per-layer buffers once at load, so that
-a forward reads each weight in place (`--scan-layers` keeps the scanned
-stack: one layer program to compile, but on XLA:CPU every forward copies
-each layer's weights first; docs/benchmarks.md has the measurement).
+The params are re-laid out once at load for decoding: the layers' stack
+split into per-layer buffers (inside a scan XLA:CPU copies each layer's
+weights before using them) and, when every forward multiplies few rows
+(`--batch-size` x B at most 16) on CPU without `--mesh`, the large projection
+kernels stored out-major (XLA:CPU multiplies a few rows by them 1.5-3x as
+fast); `--stored-layout` decodes them as stored (docs/benchmarks.md has the
+measurements).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import numpy as np
 from sdar_jax.cli import UsageError, load_inference_model, run_main
 from sdar_jax.decode.cli import (
     DecodingArgsError, add_cache_args, add_decoding_args, add_mesh_args, check_writable,
-    decode_config_from_args, enable_compilation_cache, resolve_stop_ids, start_run,
+    decode_config_from_args, enable_compilation_cache, few_rows_layout, resolve_stop_ids, start_run,
 )
 
 # Prompt buckets: a batch's prompts are right-padded to the next power of two
@@ -229,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     except DecodingArgsError as e:
         raise UsageError(str(e)) from e
     items = _read_prompts(args)
-    model = load_inference_model(args.ckpt, args.mesh, args.scan_layers)
+    model = load_inference_model(args.ckpt, args.mesh, args.stored_layout)
     config = model.config
     tokenizer = _load_tokenizer(args, needed=any("prompt" in item for item in items))
     prompts = _encode(items, tokenizer, args.chat, config.vocab_size)
@@ -237,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
         dc = decode_config_from_args(args, config, resolve_stop_ids(args, tokenizer, config))
     except DecodingArgsError as e:
         raise UsageError(str(e)) from e
+    model = few_rows_layout(model, dc, min(args.batch_size, len(prompts)), args.stored_layout)
     longest = max(map(len, prompts))
     positions = config.max_position_embeddings
     if dc.mode == "diffusion":  # the canvas is whole blocks

@@ -63,10 +63,10 @@ def load_config(path: str | os.PathLike[str], arg: str | None = None) -> ml_coll
     return load_config_module(path).get_config(arg)
 
 
-def load_inference_model(ckpt: str, mesh: str | None, scan_layers: bool = False) -> "InferenceModel":
+def load_inference_model(ckpt: str, mesh: str | None, stored_layout: bool = False) -> "InferenceModel":
     """A params checkpoint for generate / evaluate: on one device, or straight into its
-    shardings under `--mesh` (`sharded_restore.load_for_inference`), the layers per-layer
-    buffers unless `scan_layers`; bad input as UsageError."""
+    shardings under `--mesh` (`sharded_restore.load_for_inference`), re-laid out for
+    decoding unless `stored_layout`; bad input as UsageError."""
     # Imported here: the launchers answer --help and flag errors without starting JAX.
     from sdar_jax.checkpoint import sharded_restore
     from sdar_jax.parallel import ParallelConfigError
@@ -74,7 +74,7 @@ def load_inference_model(ckpt: str, mesh: str | None, scan_layers: bool = False)
     if not os.path.isdir(ckpt):
         raise UsageError(f"--ckpt {ckpt!r}: no such directory")
     try:
-        return sharded_restore.load_for_inference(ckpt, mesh, unroll_layers=not scan_layers)
+        return sharded_restore.load_for_inference(ckpt, mesh, unstack_layers=not stored_layout)
     except ParallelConfigError as e:  # a mesh that does not fit the devices
         raise UsageError(f"--mesh {mesh!r}: {e}") from e
     except ValueError as e:

@@ -174,15 +174,15 @@ class InferenceModel(NamedTuple):
 
 
 def load_for_inference(ckpt_dir: str | os.PathLike, mesh: str | None = None, *,
-                       unroll_layers: bool = True) -> InferenceModel:
+                       unstack_layers: bool = True) -> InferenceModel:
     """What `--mesh` selects for generate and evaluate: without a mesh the params are read whole
     onto the first local device (`checkpoint.params.load_params_checkpoint`); with one, `setup_inference`
     restores each straight into its sharding.
 
-    `unroll_layers` splits the layers' stack into per-layer buffers
-    (`transformer.unstack_layers`, each stacked array freed once split), the
-    layout decoding reads fastest; False keeps the scanned stack (one layer
-    program to compile).
+    `unstack_layers` splits the layers' stack into per-layer buffers
+    (`transformer.unstack_layers`, each stacked array freed once split), which
+    decoding reads faster; False keeps the scanned stack (one layer program to
+    compile).
 
     Raises:
       ValueError (ConversionError, ParallelConfigError, RestoreError, ConfigError): a bad
@@ -194,7 +194,7 @@ def load_for_inference(ckpt_dir: str | os.PathLike, mesh: str | None = None, *,
     else:
         setup = setup_inference(ckpt_dir, mesh)
         config, params, context = setup.config, setup.params, setup.context
-    if unroll_layers:
+    if unstack_layers:
         params = transformer.unstack_layers(params, free_stacked=True)
     return InferenceModel(config, params, context)
 

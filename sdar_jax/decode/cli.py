@@ -16,7 +16,9 @@ on by default under `$XDG_CACHE_HOME/sdar_jax/jax` (else
 variable `SDAR_JAX_COMPILATION_CACHE` moves it, the value `off` disables it.
 
 `add_mesh_args` / `start_run` give generate and evaluate `--mesh` and the
-multi-host start-up of `launch/train.py` (`sdar_jax.distributed`).
+multi-host start-up of `launch/train.py` (`sdar_jax.distributed`);
+`few_rows_layout` stores the large projection kernels out-major when every
+forward of the run multiplies few rows on CPU (batch 1 or 2 at B=4).
 """
 
 from __future__ import annotations
@@ -177,13 +179,32 @@ def enable_compilation_cache(args: argparse.Namespace) -> str | None:
     return directory
 
 
+def few_rows_layout(model: Any, decode_config: DecodeConfig, num_slots: int,
+                    stored_layout: bool) -> Any:
+    """`model` (an InferenceModel) with `transformer.out_major_kernels` applied when the run
+    decodes few rows per forward (`num_slots` x B, or `num_slots` for AR, at most
+    `layers.FEW_ROWS`) on the CPU backend without a mesh, unless `stored_layout`; else as it is.
+    """
+    import jax
+
+    from sdar_jax.model import layers, transformer
+
+    rows = num_slots * (decode_config.block_length if decode_config.mode == "diffusion" else 1)
+    if stored_layout or model.context is not None or jax.default_backend() != "cpu" \
+            or rows > layers.FEW_ROWS:
+        return model
+    return model._replace(params=transformer.out_major_kernels(model.params, model.config,
+                                                               free_stored=True))
+
+
 def add_mesh_args(parser: argparse.ArgumentParser) -> None:
-    """Adds --mesh AXIS=SIZE,... and --scan-layers (how the params are placed for decoding)."""
+    """Adds --mesh AXIS=SIZE,... and --stored-layout (how the params are placed for decoding)."""
     parser.add_argument(
-        "--scan-layers", action="store_true",
-        help="keep the layers as one scanned stack (one layer program to compile) instead of "
-             "separate per-layer buffers, which decoding reads faster (XLA:CPU copies each "
-             "layer's slice of a stacked weight inside a scan)")
+        "--stored-layout", action="store_true",
+        help="decode with the params as stored (the layers as one scanned stack, kernels "
+             "[in, out]) instead of re-laid out at load for decoding: per-layer buffers and, "
+             "for few rows per forward on CPU without --mesh, the large kernels out-major "
+             "(faster forwards; docs/benchmarks.md)")
     parser.add_argument(
         "--mesh", default=None, metavar="AXIS=SIZE,...",
         help="decode on a device mesh, e.g. fsdp=4,tensor=2 or data=-1,tensor=8 (axes data, fsdp, "

@@ -230,7 +230,7 @@ class SdarJaxLM(TemplateLM):
         self.likelihood = loglikelihood.LikelihoodSettings(
             mode=self.decode_config.mode, block_length=self.decode_config.block_length,
             mc_samples=self.mc_samples, batch_size=self.batch_size, seed=self.seed)
-        # Decoded and scored many times: the per-layer layout reads each weight once.
+        # Decoded and scored many times: the per-layer layout reads each weight in place.
         self.params = transformer.unstack_layers(params, free_stacked=True)
         self.totals = DecodeTotals()
 

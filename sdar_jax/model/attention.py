@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sdar_jax.config import ModelConfig
-from sdar_jax.model.layers import RMSNorm, dense_init, dtype_of, logical_init, rotary_embedding
+from sdar_jax.model.layers import RMSNorm, dtype_of, projection, rotary_embedding
 from sdar_jax.ops import attention as attention_ops
 from sdar_jax.ops.masks import AttentionMask, MaskSpec
 
@@ -58,15 +58,13 @@ class Attention(nn.Module):
         cfg = self.config
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
 
-        def projection(heads: int, head_axis: str, name: str) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
-                (heads, cfg.head_dim), use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                kernel_init=logical_init(dense_init(), ("embed", head_axis, "head_dim")), name=name,
-            )
+        def heads_projection(heads: int, head_axis: str, name: str) -> nn.Module:
+            return projection((heads, cfg.head_dim), ("embed", head_axis, "head_dim"), name,
+                              parent=self, dtype=dtype, param_dtype=param_dtype)
 
-        q = projection(cfg.num_heads, "heads", "q_proj")(x)
-        k = projection(cfg.num_kv_heads, "kv_heads", "k_proj")(x)
-        v = projection(cfg.num_kv_heads, "kv_heads", "v_proj")(x)
+        q = heads_projection(cfg.num_heads, "heads", "q_proj")(x)
+        k = heads_projection(cfg.num_kv_heads, "kv_heads", "k_proj")(x)
+        v = heads_projection(cfg.num_kv_heads, "kv_heads", "v_proj")(x)
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, param_dtype, "head_dim", name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, param_dtype, "head_dim", name="k_norm")(k)
@@ -86,8 +84,6 @@ class Attention(nn.Module):
             mask = AttentionMask(self.mask, positions, kv_positions)
 
         out = attention_ops.attention(q, k, v, mask, impl=cfg.attention_impl)
-        out = nn.DenseGeneral(
-            cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=param_dtype,
-            kernel_init=logical_init(dense_init(), ("heads", "head_dim", "embed")), name="o_proj",
-        )(out)
+        out = projection(cfg.hidden_size, ("heads", "head_dim", "embed"), "o_proj", parent=self,
+                         axis=(-2, -1), dtype=dtype, param_dtype=param_dtype)(out)
         return out, new_cache

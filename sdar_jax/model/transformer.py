@@ -7,6 +7,7 @@ is `Transformer(config).apply({"params": params}, ...)`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -17,7 +18,9 @@ import jax.numpy as jnp
 from sdar_jax import parallel
 from sdar_jax.config import REMAT_POLICIES, ModelConfig
 from sdar_jax.model.attention import Attention
-from sdar_jax.model.layers import RMSNorm, SwiGLU, dense_init, dtype_of, logical_init
+from sdar_jax.model.layers import (
+    OUT_MAJOR_KERNEL, OutMajorDense, RMSNorm, SwiGLU, dense_init, dtype_of, logical_init,
+)
 from sdar_jax.model.moe import MoeMLP
 from sdar_jax.ops.masks import MaskSpec
 from sdar_jax.ops.moe import RouterStats, load_balancing_loss
@@ -188,6 +191,8 @@ class Transformer(nn.Module):
         hidden = RMSNorm(cfg.rms_norm_eps, param_dtype, "embed", name="norm")(x)
         if cfg.tie_word_embeddings:
             logits = embed.attend(hidden)
+        elif OUT_MAJOR_KERNEL in self.variables.get("params", {}).get("lm_head", {}):
+            logits = OutMajorDense(1, dtype, name="lm_head")(hidden)
         else:
             logits = nn.Dense(
                 cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
@@ -277,3 +282,46 @@ def unstack_layers(params: dict, *, free_stacked: bool = False) -> dict:
         out[f"layers_{i}"] = jax.tree.map(lambda layers, i=i: layers[i], per_leaf,
                                           is_leaf=lambda x: isinstance(x, list))
     return out
+
+
+# Kernels smaller than this (elements per layer) stay [in, out]: the out-major product
+# only pays for large weights (docs/benchmarks.md).
+OUT_MAJOR_MIN_SIZE = 2**18
+# (input axes, output axes) of each projection's kernel [in..., out...].
+PROJECTION_AXES = {"q_proj": (1, 2), "k_proj": (1, 2), "v_proj": (1, 2), "o_proj": (2, 1),
+                    "gate_proj": (1, 1), "up_proj": (1, 1), "down_proj": (1, 1), "lm_head": (1, 1)}
+
+
+def out_major_kernels(params: dict, config: ModelConfig, *, min_size: int = OUT_MAJOR_MIN_SIZE,
+                      free_stored: bool = False) -> dict:
+    """The params with each dense projection kernel [in..., out...] of at least `min_size`
+    elements per layer stored out-major as "kernel_t" [out..., in...] (leading stacked axes
+    kept). The layout for decoding few rows at a time on XLA:CPU: a few rows times a large
+    out-major weight taken as the left operand run 1.5-3x as fast, while many rows (large
+    batches) run 0.7-1.1x and small weights lose (`layers.out_major_product`,
+    docs/benchmarks.md). MoE models keep their MLP kernels, and a tied head stays the
+    embedding. Call once, outside jit; `transformer.apply` reads either layout, kernel by
+    kernel. `free_stored` deletes each converted kernel; `params` must not be used afterwards.
+    """
+    def convert(tree: dict, inside_moe_mlp: bool) -> dict:
+        out = {}
+        for name, sub in tree.items():
+            if not isinstance(sub, dict):
+                out[name] = sub
+            elif name in PROJECTION_AXES and "kernel" in sub and not inside_moe_mlp:
+                kernel = sub["kernel"]
+                num_in, num_out = PROJECTION_AXES[name]
+                lead = kernel.ndim - num_in - num_out
+                if math.prod(kernel.shape[lead:]) < min_size:
+                    out[name] = sub
+                    continue
+                order = (tuple(range(lead)) + tuple(range(lead + num_in, kernel.ndim))
+                         + tuple(range(lead, lead + num_in)))
+                out[name] = {OUT_MAJOR_KERNEL: jax.block_until_ready(jnp.transpose(kernel, order))}
+                if free_stored and isinstance(kernel, jax.Array):
+                    kernel.delete()
+            else:
+                out[name] = convert(sub, inside_moe_mlp or (config.is_moe and name == "mlp"))
+        return out
+
+    return convert(params, False)

@@ -1,4 +1,4 @@
-"""The unrolled layer layout (`transformer.unstack_layers`) against the scanned stack."""
+"""The decoding layouts (per-layer buffers, out-major kernels) against the stored params."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sdar_jax.checkpoint.sharded_restore import InferenceModel
 from sdar_jax.config import get_preset
+from sdar_jax.decode.cli import few_rows_layout
+from sdar_jax.decode.decoder import DecodeConfig
 from sdar_jax.model import transformer
+from sdar_jax.model.layers import OUT_MAJOR_KERNEL
 from sdar_jax.ops.masks import MaskSpec
 
 
@@ -52,3 +56,52 @@ def test_unstack_keeps_the_other_axes_sharding_and_frees_the_stack():
 def test_unstack_needs_a_stack():
     with pytest.raises(ValueError, match="no stacked 'layers'"):
         transformer.unstack_layers({"layers_0": {}, "norm": {}})
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+@pytest.mark.parametrize("unstack", [False, True])
+def test_out_major_kernels_forward_equals_stored(preset, unstack):
+    """Few rows (weight-first product) and many rows (row-first) alike, with a cache."""
+    config = get_preset(preset)
+    params = transformer.init_params(config, jax.random.key(1))
+    stored = transformer.unstack_layers(params) if unstack else params
+    converted = transformer.out_major_kernels(stored, config, min_size=0)
+    layer = converted["layers_0"] if unstack else converted["layers"]
+    q = layer["self_attn"]["q_proj"][OUT_MAJOR_KERNEL]
+    assert q.shape[-3:] == (config.num_heads, config.head_dim, config.hidden_size)
+    assert OUT_MAJOR_KERNEL in layer["self_attn"]["o_proj"]
+    assert ("kernel" in layer["mlp"]["gate_proj"]) == config.is_moe  # MoE experts stay
+    assert OUT_MAJOR_KERNEL in converted["lm_head"]
+    mask = MaskSpec("block_causal", 4)
+    for rows in (4, 24):
+        tokens = jnp.asarray(np.arange(rows)[None] * 7 % config.vocab_size, jnp.int32)
+        positions = jnp.arange(rows, dtype=jnp.int32)[None]
+        cache = transformer.init_cache(config, 1, 32)
+        want = transformer.apply(config, params, tokens, positions, mask=mask, cache=cache)
+        got = transformer.apply(config, converted, tokens, positions, mask=mask, cache=cache)
+        np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.cache.k, want.cache.k, rtol=1e-5, atol=1e-5)
+
+
+def test_out_major_kernels_skip_small_weights_and_free_the_stored_ones():
+    config = get_preset("tiny")
+    params = transformer.unstack_layers(transformer.init_params(config, jax.random.key(0)))
+    q = params["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    head = params["lm_head"]["kernel"]
+    out = transformer.out_major_kernels(params, config, min_size=head.size, free_stored=True)
+    assert out["layers_0"]["self_attn"]["q_proj"]["kernel"] is q and not q.is_deleted()
+    assert head.is_deleted()
+    assert out["lm_head"][OUT_MAJOR_KERNEL].shape == head.shape[::-1]
+
+
+@pytest.mark.parametrize("slots, block, mode, converts", [
+    (1, 4, "diffusion", True), (4, 4, "diffusion", True), (5, 4, "diffusion", False),
+    (16, 4, "ar", True), (17, 4, "ar", False)])
+def test_few_rows_layout_only_for_few_rows_per_forward(slots, block, mode, converts):
+    config = get_preset("tiny", hidden_size=512, num_heads=8, head_dim=64)
+    params = transformer.init_params(config, jax.random.key(0))
+    model = InferenceModel(config, params, None)
+    dc = DecodeConfig(mode=mode, block_length=block, steps=block)
+    out = few_rows_layout(model, dc, slots, stored_layout=False)
+    assert (OUT_MAJOR_KERNEL in out.params["lm_head"]) == converts
+    assert few_rows_layout(model, dc, 1, stored_layout=True) is model
