@@ -29,14 +29,12 @@ def test_unrolled_forward_equals_scanned(preset):
     positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
     mask = MaskSpec("block_causal", 4)
     cache = transformer.init_cache(config, 2, 16)
-    for kwargs in ({}, {"cache": cache}):
-        want = transformer.apply(config, params, tokens, positions, mask=mask, **kwargs)
-        got = transformer.apply(config, unrolled, tokens, positions, mask=mask, **kwargs)
-        np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(got.aux_loss, want.aux_loss, rtol=1e-5, atol=1e-6)
-        if kwargs:
-            np.testing.assert_allclose(got.cache.k, want.cache.k, rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(got.cache.v, want.cache.v, rtol=1e-5, atol=1e-6)
+    want = transformer.apply(config, params, tokens, positions, mask=mask, cache=cache)
+    got = transformer.apply(config, unrolled, tokens, positions, mask=mask, cache=cache)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.aux_loss, want.aux_loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.cache.k, want.cache.k, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.cache.v, want.cache.v, rtol=1e-5, atol=1e-6)
 
 
 def test_unstack_keeps_the_other_axes_sharding_and_frees_the_stack():
@@ -58,8 +56,7 @@ def test_unstack_needs_a_stack():
         transformer.unstack_layers({"layers_0": {}, "norm": {}})
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-@pytest.mark.parametrize("unstack", [False, True])
+@pytest.mark.parametrize("preset, unstack", [("tiny", True), ("tiny-moe", False)])
 def test_out_major_kernels_forward_equals_stored(preset, unstack):
     """Few rows (weight-first product) and many rows (row-first) alike, with a cache."""
     config = get_preset(preset)
