@@ -19,8 +19,9 @@ restoring, the run checks (`sdar_jax.checkpoint.train_state`, `config.check_resu
   (`ConfigChangeError`, listing old -> new); other changes (learning rate,
   steps, intervals, ...) too, unless `train.allow_config_change` is set, which
   logs the list and goes on.
-TensorBoard events are flushed before every checkpoint, so after a crash the
-event files hold every step up to the newest checkpoint.
+TensorBoard events are written out before every checkpoint (the event file is
+closed, and the next scalars go to a new one), so after a crash the event
+files hold every step up to the newest checkpoint.
 
 Stopping: SIGTERM (single-process runs install a handler; multi-host runs use
 JAX's preemption sync point through orbax) makes the loop save the current

@@ -55,16 +55,27 @@ class MetricsWriter:
         progress_bar: bool = True,
     ):
         self._enabled = enabled
-        self._writer = tensorboardX.SummaryWriter(os.fspath(logdir)) if enabled else None
+        self._logdir = os.fspath(logdir)
+        self._files = 0
+        self._writer = None
+        if enabled:
+            self._open()
         self._bar = (
             tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
             if enabled and progress_bar else None
         )
 
+    def _open(self) -> None:
+        suffix = f".{self._files}" if self._files else ""
+        self._writer = tensorboardX.SummaryWriter(self._logdir, filename_suffix=suffix)
+        self._files += 1
+
     def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "train") -> None:
         """Logs `prefix/name` scalars at `step`."""
-        if self._writer is None:
+        if not self._enabled:
             return
+        if self._writer is None:
+            self._open()
         for name, value in scalars.items():
             self._writer.add_scalar(f"{prefix}/{name}", float(value), global_step=step)
 
@@ -83,8 +94,12 @@ class MetricsWriter:
             tqdm.tqdm.write(message, file=sys.stderr)
 
     def flush(self) -> None:
+        """Puts every scalar written so far on disk. tensorboardX's own flush leaves the events
+        still queued for its writer thread unwritten; closing the writer drains the queue, so
+        the writer is closed and the next scalars go to a new event file of the same directory."""
         if self._writer is not None:
-            self._writer.flush()
+            self._writer.close()
+            self._writer = None
 
     def close(self) -> None:
         if self._bar is not None:

@@ -44,7 +44,9 @@ def test_tiny_config_trains_and_writes_checkpoints_events_export(tmp_path):
         items = set(os.listdir(workdir / "checkpoints" / str(step)))
         assert {"state", "data", "config"} <= items, items
     events = glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
-    assert len(events) == 1 and os.path.getsize(events[0]) > 0
+    # At most one event file per checkpoint interval: each checkpoint closes the file
+    # (MetricsWriter.flush), the next scalars open another.
+    assert 1 <= len(events) <= len(steps) and all(os.path.getsize(e) > 0 for e in events)
 
     config, params = load_params_checkpoint(workdir / "export")
     assert (config.num_layers, config.vocab_size, config.mask_token_id) == (2, 128, 4)
