@@ -18,7 +18,7 @@ variable `SDAR_JAX_COMPILATION_CACHE` moves it, the value `off` disables it.
 `add_mesh_args` / `start_run` give generate and evaluate `--mesh` and the
 multi-host start-up of `launch/train.py` (`sdar_jax.distributed`);
 `few_rows_layout` stores the large projection kernels out-major when every
-forward of the run multiplies few rows on CPU (batch 1 or 2 at B=4).
+forward of the run multiplies few rows on CPU (batch 1 to 4 at B=4).
 """
 
 from __future__ import annotations
