@@ -151,7 +151,12 @@ def _recipe(cfg) -> str:
     obj = cfg.objective
     sizes = obj.mixed_block_sizes or (obj.block_size,)
     parts = [f"{cfg.model.overrides.logits_convention or 'same_position'} logits",
+             f"learning rate {cfg.optimizer.peak_lr:g}",
              "B drawn from " + "/".join(map(str, sizes)) + " per step"]
+    if cfg.model.overrides.block_attention == "causal":
+        parts.append("causal attention inside blocks")
+    if obj.ar_loss_weight:
+        parts.append(f"AR term x{obj.ar_loss_weight}")
     if obj.complementary_masking:
         parts.append("complementary masking")
     if obj.distill_weight:

@@ -26,6 +26,10 @@ ATTENTION_IMPLS = ("xla", "pallas", "auto")
 # "same_position" (SDAR's release) from the output at j, "shifted" (Dream,
 # Fast-dLLM v2) from the output at j - 1, as an AR model does.
 LOGITS_CONVENTIONS = ("same_position", "shifted")
+# Attention among the tokens of one block: SDAR's ("bidirectional") or "causal" (an
+# adaptation aid beyond spec §2.7, docs/adaptation.md: a committed token's keys and
+# values are then computed exactly as an AR model computes them).
+BLOCK_ATTENTIONS = ("bidirectional", "causal")
 
 
 class ConfigError(ValueError):
@@ -66,6 +70,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     logits_convention: str = "same_position"
+    block_attention: str = "bidirectional"
     # Runtime: do not change the weights.
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -144,6 +149,7 @@ def _validate(cfg: ModelConfig) -> None:
     for name, allowed in (
         ("dtype", DTYPES), ("param_dtype", DTYPES), ("remat_policy", REMAT_POLICIES),
         ("attention_impl", ATTENTION_IMPLS), ("logits_convention", LOGITS_CONVENTIONS),
+        ("block_attention", BLOCK_ATTENTIONS),
     ):
         if getattr(cfg, name) not in allowed:
             raise ConfigError(
@@ -227,6 +233,7 @@ def from_hf_config(hf: Mapping[str, Any], source: str = "config.json", **runtime
         bos_token_id=_single_id(hf.get("bos_token_id")),
         eos_token_id=_single_id(hf.get("eos_token_id")),
         logits_convention=hf.get("logits_convention", "same_position"),
+        block_attention=hf.get("block_attention", "bidirectional"),
     )
     if is_moe:
         mlp_only = list(hf.get("mlp_only_layers") or [])
@@ -314,7 +321,7 @@ def to_hf_config(cfg: ModelConfig, base: Mapping[str, Any] | None = None) -> dic
     SDAR model types stay `sdar` / `sdar_moe` (architectures
     `SDARForCausalLM` / `SDARMoeForCausalLM`, what the release writes; the
     network is Qwen3's); `block_size`, `mask_token_id` and a non-default
-    `logits_convention` are written as fields.
+    `logits_convention` or `block_attention` are written as fields.
     """
     base = dict(base or {})
     model_type = export_model_type(cfg)
@@ -375,10 +382,11 @@ def to_hf_config(cfg: ModelConfig, base: Mapping[str, Any] | None = None) -> dic
             hf[key] = getattr(cfg, key)
         else:
             hf.pop(key, None)
-    if cfg.logits_convention != "same_position":
-        hf["logits_convention"] = cfg.logits_convention
-    else:
-        hf.pop("logits_convention", None)
+    for key, default in (("logits_convention", "same_position"), ("block_attention", "bidirectional")):
+        if getattr(cfg, key) != default:
+            hf[key] = getattr(cfg, key)
+        else:
+            hf.pop(key, None)
     return hf
 
 

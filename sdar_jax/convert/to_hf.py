@@ -61,12 +61,21 @@ def write_hf_weights(
     _write_hf_pieces(out_dir, config, read, dtype, max_shard_bytes)
 
 
-def _shifted_warning(config: ModelConfig) -> str:
-    return (
-        f"the model reads the token at position j from the output at j - 1 (logits_convention="
-        f"{config.logits_convention!r}, written to config.json); the SDAR release's modeling code "
-        "and engines that follow it read it from the output at j and cannot decode this model"
-    )
+def release_incompatibility(config: ModelConfig) -> str | None:
+    """Why the SDAR release's modeling code cannot decode `config`'s model, or None."""
+    reasons = []
+    if config.logits_convention == "shifted":
+        reasons.append(
+            f"the model reads the token at position j from the output at j - 1 (logits_convention="
+            f"{config.logits_convention!r}); the release reads it from the output at j")
+    if config.block_attention == "causal":
+        reasons.append(
+            f"its tokens attend causally inside a block (block_attention={config.block_attention!r});"
+            " the release attends bidirectionally")
+    if not reasons:
+        return None
+    return ("; ".join(reasons) + " (written to config.json): the SDAR release's modeling code and "
+            "engines that follow it cannot decode this model")
 
 
 def jax_to_hf(
@@ -80,8 +89,9 @@ def jax_to_hf(
     stays `sdar` / `SDARForCausalLM`; transformers loads it with the
     release's remote code, copied along when the source had it; Qwen3 and
     Llama load with transformers' own classes) and its other keys. A model
-    with `logits_convention="shifted"` is exported with that key and an
-    `ExportWarning`: the release's code cannot decode it.
+    with `logits_convention="shifted"` or `block_attention="causal"` is
+    exported with that key and an `ExportWarning`: the release's code cannot
+    decode it.
 
     Args:
       ckpt_dir: a params checkpoint.
@@ -115,8 +125,9 @@ def jax_to_hf(
                 f"{'/'.join(piece.rule.path)}{list(piece.index) or ''} ({first_line(e)})"
             ) from e
 
-    if config.logits_convention == "shifted":
-        warnings.warn(_shifted_warning(config), ExportWarning, stacklevel=2)
+    incompatibility = release_incompatibility(config)
+    if incompatibility:
+        warnings.warn(incompatibility, ExportWarning, stacklevel=2)
     with AtomicDir(out_dir, overwrite, sources=(ckpt_dir,)) as tmp:
         _write_hf_pieces(tmp, config, read, dtype, max_shard_bytes)
         write_config(tmp, config, base=stored.hf_config)

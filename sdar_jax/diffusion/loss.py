@@ -33,6 +33,7 @@ Normalization = Literal["non_prompt", "masked"]
 NORMALIZATIONS = ("non_prompt", "masked")
 LogitsConvention = Literal["same_position", "shifted"]
 LOGITS_CONVENTIONS = model_config_lib.LOGITS_CONVENTIONS
+BlockAttention = Literal["bidirectional", "causal"]
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
 
@@ -125,6 +126,8 @@ def sdar_loss(
     complementary: bool = False,
     teacher_fn: TeacherFn | None = None,
     distill_weight: float = 0.0,
+    block_attention: BlockAttention = "bidirectional",
+    ar_weight: float = 0.0,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """The SDAR objective: masked-token CE weighted by 1/p over the `[xt ; x0]` row.
 
@@ -153,6 +156,16 @@ def sdar_loss(
     weighted CE sum (no 1/p weight; same normaliser). The teacher gets no
     gradient.
 
+    AR term (`ar_weight` > 0; an aid beyond spec §2.7, docs/adaptation.md):
+    with causal attention inside blocks the clean half is exactly an AR
+    forward, so its output at j - 1 is the model's next-token prediction of
+    token j with every earlier token clean, which is what a decoding step
+    reads for the leftmost masked position. For every
+    eligible token j (as above: maskable and with a predecessor in its
+    example) CE(clean-half output at L + j - 1, x0_j) is added, unweighted and
+    times `ar_weight`, to the weighted CE sum (same normaliser). It costs no
+    extra forward: the shifted convention already runs the head on both halves.
+
     Args:
       apply_fn: the model function (see the module docstring).
       params: the model parameters.
@@ -170,6 +183,9 @@ def sdar_loss(
       teacher_fn: `(tokens, positions, segment_ids) -> [batch, L, vocab]`
         causal next-token logits of the teacher, or None.
       distill_weight: weight of the distillation term.
+      block_attention: attention inside a block (`masks.MaskSpec.causal_in_block`
+        when "causal"): the model's `block_attention`.
+      ar_weight: weight of the AR term (below); needs `shifted` and `causal`.
 
     Returns:
       (loss, metrics): loss is a float32 scalar; metrics holds float32/int32
@@ -189,6 +205,11 @@ def sdar_loss(
         raise ValueError(f"sdar_loss: sequence length {seq} is not a multiple of block_size {block_size}")
     index = prediction_index(seq, block_size, logits_convention)
     shifted = logits_convention == "shifted"
+    if ar_weight > 0 and not (shifted and block_attention == "causal"):
+        raise ValueError(
+            f"sdar_loss: ar_weight {ar_weight} needs logits_convention 'shifted' and block_attention "
+            f"'causal' (the clean half must be an AR forward), got {logits_convention!r} and "
+            f"{block_attention!r}")
     eligible = shifted_eligible(loss_mask, segments) if shifted else loss_mask
     if complementary:
         first, second = complementary_noise(
@@ -210,9 +231,14 @@ def sdar_loss(
     tokens, row_positions, row_segments = diffusion_row(xt, x0, positions, segments)
     out = apply_fn(
         params, tokens, row_positions,
-        mask=MaskSpec("block_diffusion", block_size), segment_ids=row_segments,
-        logits_slice=(0, 2 * seq) if shifted else (0, seq),
+        mask=MaskSpec("block_diffusion", block_size, block_attention == "causal"),
+        segment_ids=row_segments, logits_slice=(0, 2 * seq) if shifted else (0, seq),
     )
+    ar_sum = jnp.zeros((), jnp.float32)
+    if ar_weight > 0:  # the clean half's output at L + j - 1 predicts token j
+        ar_index = seq + np.maximum(np.arange(seq, dtype=np.int32) - 1, 0)
+        ar_ce, _ = token_ce(out.replace(logits=out.logits[:, ar_index], hidden=out.hidden[:, ar_index]), x0)
+        ar_sum = jnp.sum(jnp.where(eligible, ar_ce, 0.0))
     if shifted:  # outputs read at j - 1 (spec 2.7), for the CE and for distillation
         out = out.replace(logits=out.logits[:, index], hidden=out.hidden[:, index])
     logits = out.logits
@@ -220,6 +246,7 @@ def sdar_loss(
     num_masked = masked.sum(dtype=jnp.int32)
     num_loss_tokens = eligible.sum(dtype=jnp.int32)
     weighted_ce_sum = jnp.sum(jnp.where(masked, ce / p, 0.0))
+    weighted_ce_sum = weighted_ce_sum + ar_weight * ar_sum
     distill_sum = jnp.zeros((), jnp.float32)
     if teacher_logits is not None:
         select = left_clean_masked(masked, block_size) & _has_predecessor(segments)
@@ -236,6 +263,7 @@ def sdar_loss(
         "weighted_ce_sum": weighted_ce_sum,
         "normalizer": normalizer,
         "aux_loss": jnp.asarray(out.aux_loss, jnp.float32),
+        "ar_ce": _safe_div(ar_sum, num_loss_tokens),
     }
     return loss, metrics
 

@@ -14,6 +14,10 @@ Kinds:
                      clean q -> clean k   blk(k) <= blk(q)
                      clean q -> noisy k   never
   bidirectional    everything
+With `causal_in_block` (a model's `block_attention="causal"`), the block kinds
+also require k_pos <= q_pos wherever q and k lie in the same block and the
+same half: block_causal becomes causal, and block_diffusion's clean half is
+causal and its noisy blocks attend to their own earlier positions only.
 Every kind also requires equal segment ids (packed examples never see each other).
 
 `AttentionMask` carries one call's mask: the description plus the runtime
@@ -41,10 +45,12 @@ class MaskSpec:
     Attributes:
       kind: one of MASK_KINDS.
       block_size: B for the block kinds (ignored otherwise).
+      causal_in_block: the block kinds with causal attention inside a block.
     """
 
     kind: MaskKind
     block_size: int = 1
+    causal_in_block: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in MASK_KINDS:
@@ -112,12 +118,12 @@ def causal() -> MaskSpec:
     return MaskSpec("causal")
 
 
-def block_causal(block_size: int) -> MaskSpec:
-    return MaskSpec("block_causal", block_size)
+def block_causal(block_size: int, causal_in_block: bool = False) -> MaskSpec:
+    return MaskSpec("block_causal", block_size, causal_in_block)
 
 
-def block_diffusion(block_size: int) -> MaskSpec:
-    return MaskSpec("block_diffusion", block_size)
+def block_diffusion(block_size: int, causal_in_block: bool = False) -> MaskSpec:
+    return MaskSpec("block_diffusion", block_size, causal_in_block)
 
 
 def require_decode_mask(spec: MaskSpec, caller: str) -> None:
@@ -147,8 +153,14 @@ def mask_fn(spec: MaskSpec, q_idx, k_idx, q_pos, k_pos, q_seg, k_seg, noisy_len:
         return same_segment & (k_pos <= q_pos)
     q_blk = q_pos // spec.block_size
     k_blk = k_pos // spec.block_size
+    if spec.causal_in_block:  # within a block, only earlier positions
+        same_block = (k_blk == q_blk) & (k_pos <= q_pos)
+        up_to_own_block = (k_blk < q_blk) | same_block
+    else:
+        same_block = k_blk == q_blk
+        up_to_own_block = k_blk <= q_blk
     if spec.kind == "block_causal":
-        return same_segment & (k_blk <= q_blk)
+        return same_segment & up_to_own_block
     if noisy_len is None:
         raise ValueError("mask_fn: block_diffusion needs noisy_len (half the row length)")
     q_noisy = q_idx < noisy_len
@@ -156,9 +168,9 @@ def mask_fn(spec: MaskSpec, q_idx, k_idx, q_pos, k_pos, q_seg, k_seg, noisy_len:
     # Boolean algebra rather than jnp.where, so NumPy inputs give a NumPy result: splash
     # attention evaluates this on the host while a jit is tracing (see pallas_tpu.IndexMask).
     allowed = (
-        (q_noisy & k_noisy & (k_blk == q_blk))
+        (q_noisy & k_noisy & same_block)
         | (q_noisy & ~k_noisy & (k_blk < q_blk))
-        | (~q_noisy & ~k_noisy & (k_blk <= q_blk))
+        | (~q_noisy & ~k_noisy & up_to_own_block)
     )
     return same_segment & allowed
 

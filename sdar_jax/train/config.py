@@ -128,6 +128,10 @@ def base_config() -> ml_collections.ConfigDict:
         # context is clean (sdar_jax.diffusion.loss.sdar_loss); 0: off.
         distill_weight=0.0,
         distill_from=placeholder(str),  # None: train.init_from.
+        # AR term: next-token CE on the clean half of the [xt ; x0] row, times this
+        # weight (sdar_jax.diffusion.loss.sdar_loss). Needs a model with
+        # logits_convention="shifted" and block_attention="causal"; 0: off.
+        ar_loss_weight=0.0,
     ))
 
     # Read by the trainer (seq_len, global_batch_size, seed, tokenizer_dir) and
@@ -275,6 +279,15 @@ def validate(config: ml_collections.ConfigDict, model: ModelConfig) -> None:
             raise RunConfigError(
                 "objective.kind='sdar' needs a mask token: set model.overrides.mask_token_id"
             )
+        if obj.ar_loss_weight < 0:
+            raise RunConfigError(f"objective.ar_loss_weight must be >= 0, got {obj.ar_loss_weight}")
+        if obj.ar_loss_weight > 0 and (model.logits_convention, model.block_attention) != (
+                "shifted", "causal"):
+            raise RunConfigError(
+                f"objective.ar_loss_weight ({obj.ar_loss_weight}) needs the model's "
+                f"logits_convention 'shifted' and block_attention 'causal' (got "
+                f"{model.logits_convention!r}, {model.block_attention!r}): set "
+                "model.overrides.logits_convention / model.overrides.block_attention")
         if data.seq_len % block:
             several = len(block_sizes(config, model)) > 1
             raise RunConfigError(

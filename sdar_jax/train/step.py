@@ -102,6 +102,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model: ModelConfig) -> LossF
             normalization=obj.normalization, eps=obj.eps, max_tries=obj.max_tries,
             logits_convention=model.logits_convention, complementary=obj.complementary_masking,
             teacher_fn=teacher_fn, distill_weight=obj.distill_weight,
+            block_attention=model.block_attention, ar_weight=obj.ar_loss_weight,
         ) for b in sizes]
 
         def loss_fn(params: Any, batch: Batch, rng: jax.Array,

@@ -12,6 +12,8 @@ T + Gumbel noise), with the noise of the decoder's documented per-step key
 `fold_in(fold_in(row key, block index), step)` over the block's [B, vocab]
 logits; the temperature, top-k and top-p filters are written here in NumPy.
 
+With `block_attention="causal"` the forward uses the plain causal mask.
+
 Logits conventions (spec §2.7): "same_position" reads position j's
 distribution from output j; "shifted" from output j - 1, which for a
 block's first position is the previous block's last output (invariant
@@ -47,9 +49,10 @@ def _full_forward(config: ModelConfig, block_length: int):
     @jax.jit
     def forward(params, tokens):
         positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)[None]
-        out = transformer.apply(
-            config, params, tokens[None], positions, mask=MaskSpec("block_causal", block_length)
-        )
+        # Causal attention inside blocks makes the block-causal mask the plain causal one.
+        mask = MaskSpec("causal") if config.block_attention == "causal" else MaskSpec(
+            "block_causal", block_length)
+        out = transformer.apply(config, params, tokens[None], positions, mask=mask)
         return out.logits[0]
 
     return forward

@@ -266,3 +266,30 @@ def test_bad_inputs(model):
                  DecodeConfig(max_new_tokens=config.max_position_embeddings))
     with pytest.raises(ValueError, match="mask_token_id"):
         generate(params, config.replace(mask_token_id=None), tokens, lengths, jax.random.key(0), dc)
+
+
+@pytest.mark.parametrize(
+    "convention,block_length,strategy,knobs",
+    [
+        ("shifted", 4, "low_confidence_dynamic", dict(steps=4, threshold=0.35)),
+        ("same_position", 8, "low_confidence_dynamic", dict(steps=4, threshold=0.7)),
+        ("shifted", 8, "said_chlg", dict(said_stages=3, steps=6, chlg_extra_steps=3,
+                                         chlg_threshold=0.5)),
+        ("shifted", 4, "low_confidence_static", dict(steps=2, temperature=0.9, top_k=20)),
+    ],
+)
+def test_causal_block_attention_matches_reference(convention, block_length, strategy, knobs):
+    """block_attention="causal" (docs/adaptation.md): the decoder equals the reference decoder, whose
+    forward then uses the plain causal mask, and differs from bidirectional decoding."""
+    config = get_preset("tiny", vocab_size=64, num_layers=2, mask_token_id=63, eos_token_id=1)
+    params = transformer.init_params(config, jax.random.key(0))
+    # Scaled less than same_position_model's, whose greedy text barely depends on the context.
+    params["embed_tokens"]["embedding"] = params["embed_tokens"]["embedding"] * 5
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 5
+    causal = (config.replace(logits_convention=convention, block_attention="causal"), params)
+    dc = DecodeConfig(block_length=block_length, strategy=strategy, max_new_tokens=MAX_NEW, **knobs)
+    keys = jax.random.split(jax.random.key(5), len(PROMPTS)) if "temperature" in knobs else None
+    result = _decode(causal, dc, rng=keys)
+    _check_against_reference(causal, dc, result, keys)
+    bidirectional = _decode((config.replace(logits_convention=convention), params), dc, rng=keys)
+    assert not np.array_equal(bidirectional.tokens, result.tokens)

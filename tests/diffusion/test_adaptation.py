@@ -289,3 +289,49 @@ def test_distillation_term_matches_numpy(convention):
     np.testing.assert_array_equal(
         loss_lib.left_clean_masked(jnp.asarray([[1, 0, 1, 1, 0, 1, 0, 0]], bool), 4),
         [[True, False, False, False, False, True, False, False]])
+
+
+@pytest.mark.parametrize("normalization", ["non_prompt", "masked"])
+def test_ar_term_matches_numpy(normalization):
+    """ar_weight adds the clean half's next-token CE over every eligible token, unweighted."""
+    batch = make_batch()
+    apply_fn, params, calls = fake_model()
+    rng, weight = jax.random.key(17), 0.6
+    kwargs = dict(block_size=B, mask_token_id=MASK_ID, normalization=normalization,
+                  logits_convention="shifted", block_attention="causal")
+    plain, _ = loss_lib.sdar_loss(apply_fn, params, batch, rng, **kwargs)
+    loss, metrics = loss_lib.sdar_loss(apply_fn, params, batch, rng, ar_weight=weight, **kwargs)
+    assert calls[-1]["mask"] == MaskSpec("block_diffusion", B, causal_in_block=True)
+    x0, seg = batch["tokens"], batch["segment_ids"]
+    eligible = np.asarray(batch["loss_mask"]) & ~segment_starts(seg)
+    nz = noise.noise_tokens(rng, x0, eligible, seg, mask_token_id=MASK_ID)
+    L = x0.shape[1]
+    row = np.concatenate([np.asarray(nz.xt), x0], 1)
+    logp = np_log_softmax(np.asarray(params["E"])[row]
+                          + np.asarray(params["P"])[np.tile(batch["positions"], 2)])
+    ar_total, count = 0.0, 0
+    for b in range(x0.shape[0]):
+        for j in range(1, L):
+            if eligible[b, j]:  # the clean output one position to the left predicts x0[j]
+                ar_total -= logp[b, L + j - 1, x0[b, j]]
+                count += 1
+    denominator = count if normalization == "non_prompt" else np.asarray(nz.masked).sum()
+    np.testing.assert_allclose(loss - plain, weight * ar_total / denominator, rtol=1e-4)
+    np.testing.assert_allclose(metrics["ar_ce"], ar_total / count, rtol=1e-5)
+
+
+def test_ar_term_needs_shifted_and_causal_blocks():
+    batch = make_batch()
+    apply_fn, params, _ = fake_model()
+    for convention, attention in [("shifted", "bidirectional"), ("same_position", "causal")]:
+        with pytest.raises(ValueError, match="ar_weight 0.5 needs logits_convention 'shifted'"):
+            loss_lib.sdar_loss(apply_fn, params, batch, jax.random.key(0), block_size=B,
+                               mask_token_id=MASK_ID, logits_convention=convention,
+                               block_attention=attention, ar_weight=0.5)
+    config = run_cfg()
+    config.objective.ar_loss_weight = 0.5
+    config.data.seq_len = 32
+    with pytest.raises(run_config.RunConfigError, match="objective.ar_loss_weight"):
+        run_config.validate(config, get_preset("tiny"))
+    run_config.validate(config, get_preset("tiny").replace(
+        logits_convention="shifted", block_attention="causal"))
