@@ -99,12 +99,13 @@ def test_a_network_trained_with_the_sdar_objective_is_written_as_sdar(family, sd
     assert from_hf_config(written).replace(model_type=family) == adapted
 
 
-def test_shifted_logits_convention_is_written():
-    config = get_preset("tiny", logits_convention="shifted")
+@pytest.mark.parametrize("field,value", [("logits_convention", "shifted"), ("block_attention", "causal")])
+def test_non_default_decoding_fields_are_written(field, value):
+    config = get_preset("tiny", **{field: value})
     hf = to_hf_config(config)
-    assert hf["logits_convention"] == "shifted"
+    assert hf[field] == value
     assert from_hf_config(hf) == config
-    assert "logits_convention" not in to_hf_config(get_preset("tiny"), base=hf)
+    assert field not in to_hf_config(get_preset("tiny"), base=hf)
 
 
 @pytest.mark.parametrize("family", hf_models.FAMILIES)

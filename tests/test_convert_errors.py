@@ -307,3 +307,11 @@ def test_shifted_model_export_warns_and_says_so_in_config(tmp_path, capsys):
     assert back["logits_convention"] == "shifted"
     with pytest.warns(ExportWarning, match="logits_convention='shifted'"):
         jax_to_hf(tmp_path / "ckpt", tmp_path / "again")
+
+
+def test_causal_block_model_export_warns(tmp_path):
+    config = get_preset("tiny", num_layers=1, block_attention="causal")
+    save_params_checkpoint(tmp_path / "ckpt", config, transformer.init_params(config, jax.random.key(0)))
+    with pytest.warns(ExportWarning, match="block_attention='causal'.*cannot decode this model"):
+        jax_to_hf(tmp_path / "ckpt", tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["block_attention"] == "causal"
