@@ -85,6 +85,11 @@ class ModelConfig:
         return self.num_experts > 0
 
     @property
+    def causal_in_block(self) -> bool:
+        """Whether a block's tokens attend only to its earlier positions (`MaskSpec.causal_in_block`)."""
+        return self.block_attention == "causal"
+
+    @property
     def is_diffusion(self) -> bool:
         """True when the checkpoint carries a mask token (an SDAR model)."""
         return self.mask_token_id is not None

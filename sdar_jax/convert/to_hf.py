@@ -68,7 +68,7 @@ def release_incompatibility(config: ModelConfig) -> str | None:
         reasons.append(
             f"the model reads the token at position j from the output at j - 1 (logits_convention="
             f"{config.logits_convention!r}); the release reads it from the output at j")
-    if config.block_attention == "causal":
+    if config.causal_in_block:
         reasons.append(
             f"its tokens attend causally inside a block (block_attention={config.block_attention!r});"
             " the release attends bidirectionally")

@@ -814,7 +814,7 @@ def _diffusion_program(params, prompt_tokens, prompt_lengths, keys, knobs, confi
     canvas_len = -(-(max_prompt + g) // b) * b
     max_blocks = min(-(-g // b) + 1, canvas_len // b)
     mask_id = config.mask_token_id
-    block_mask = MaskSpec("block_causal", b, config.block_attention == "causal")
+    block_mask = MaskSpec("block_causal", b, config.causal_in_block)
     offsets = jnp.arange(b, dtype=jnp.int32)
     prefill_len = (max_prompt // b) * b
     rows = jnp.arange(slots)

@@ -160,11 +160,11 @@ def sdar_loss(
     with causal attention inside blocks the clean half is exactly an AR
     forward, so its output at j - 1 is the model's next-token prediction of
     token j with every earlier token clean, which is what a decoding step
-    reads for the leftmost masked position. For every
-    eligible token j (as above: maskable and with a predecessor in its
-    example) CE(clean-half output at L + j - 1, x0_j) is added, unweighted and
-    times `ar_weight`, to the weighted CE sum (same normaliser). It costs no
-    extra forward: the shifted convention already runs the head on both halves.
+    reads for the leftmost masked position. For every eligible token j (as
+    above: maskable and with a predecessor in its example) CE(clean-half
+    output at L + j - 1, x0_j) is added, unweighted and times `ar_weight`, to
+    the weighted CE sum (same normaliser). It costs no extra forward: the
+    shifted convention already runs the head on both halves.
 
     Args:
       apply_fn: the model function (see the module docstring).
@@ -236,11 +236,10 @@ def sdar_loss(
     )
     ar_sum = jnp.zeros((), jnp.float32)
     if ar_weight > 0:  # the clean half's output at L + j - 1 predicts token j
-        ar_index = seq + np.maximum(np.arange(seq, dtype=np.int32) - 1, 0)
-        ar_ce, _ = token_ce(out.replace(logits=out.logits[:, ar_index], hidden=out.hidden[:, ar_index]), x0)
+        ar_ce, _ = token_ce(_outputs_at(out, seq + np.maximum(np.arange(seq, dtype=np.int32) - 1, 0)), x0)
         ar_sum = jnp.sum(jnp.where(eligible, ar_ce, 0.0))
     if shifted:  # outputs read at j - 1 (spec 2.7), for the CE and for distillation
-        out = out.replace(logits=out.logits[:, index], hidden=out.hidden[:, index])
+        out = _outputs_at(out, index)
     logits = out.logits
     ce, correct = token_ce(out, x0)
     num_masked = masked.sum(dtype=jnp.int32)
@@ -266,6 +265,11 @@ def sdar_loss(
         "ar_ce": _safe_div(ar_sum, num_loss_tokens),
     }
     return loss, metrics
+
+
+def _outputs_at(out: Any, index: np.ndarray) -> Any:
+    """The model output with its logits and hidden states [batch, 2L, ...] read at `index` [L]."""
+    return out.replace(logits=out.logits[:, index], hidden=out.hidden[:, index])
 
 
 def left_clean_masked(masked: jnp.ndarray, block_size: int) -> jnp.ndarray:

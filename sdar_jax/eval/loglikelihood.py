@@ -189,7 +189,7 @@ def diffusion_position_logprobs(params: Any, config: ModelConfig, rows: ScoreRow
     xt = jnp.where(masked, jnp.int32(config.mask_token_id), x0)
     tokens, positions, segments = diffusion_row(xt, x0, pos, valid.astype(jnp.int32))
     out = transformer.apply(config, params, tokens, positions,
-                            mask=MaskSpec("block_diffusion", block_size, config.block_attention == "causal"),
+                            mask=MaskSpec("block_diffusion", block_size, config.causal_in_block),
                             segment_ids=segments,
                             logits_slice=(0, 2 * seq if config.logits_convention == "shifted" else seq))
     if config.logits_convention == "same_position":

@@ -101,7 +101,7 @@ def _diffusion_hits(config: ModelConfig, params: Any, tokens: jax.Array, masked:
     row, row_pos, row_seg = diffusion_row(xt, tokens, positions, segments)
     shifted = config.logits_convention == "shifted"
     logits = transformer.apply(config, params, row, row_pos,
-                               mask=MaskSpec("block_diffusion", block_size, config.block_attention == "causal"),
+                               mask=MaskSpec("block_diffusion", block_size, config.causal_in_block),
                                segment_ids=row_seg,
                                logits_slice=(0, 2 * L) if shifted else (0, L)).logits
     if shifted:
