@@ -6,8 +6,10 @@ The stages of `launch/adapt_smollm2.py` (`sdar_jax.adaptation` sets the paths an
           recipe of docs/adaptation.md (as `configs/demo.py:sdar`): the
           `shifted` logits convention (masked position i is read from position
           i - 1's output, so the AR head's next-token predictions are reused
-          from the first step) and mixed B (each step draws its block size
-          from {4, 8}), so one model decodes at both block lengths
+          from the first step), causal attention inside blocks with an AR
+          term on the clean half (the next-token reading every decoding step
+          uses keeps being trained) and mixed B (each step draws its block
+          size from {4, 8}), so one model decodes at both block lengths
   ar      the AR baseline: next-token objective on the same data and steps,
           from the same AR checkpoint
 
@@ -51,8 +53,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if stage == "sdar":
         # Written into the export's config.json, which the decoder honours.
         config.model.overrides.logits_convention = "shifted"
+        config.model.overrides.block_attention = "causal"
         config.model.overrides.block_size = BLOCK_SIZES[0]
         config.objective.mixed_block_sizes = BLOCK_SIZES
+        config.objective.ar_loss_weight = 1.0
     config.objective.normalization = "non_prompt"
 
     config.data.seq_len = 128

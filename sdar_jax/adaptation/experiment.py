@@ -54,6 +54,8 @@ DEFAULT_CONFIG_FILE = os.path.join(REPO, "configs", "smollm2_adapt.py")
 TASK_MAX_NEW_TOKENS = 48  # the longest task response is 40 SmolLM2 tokens (+ <|im_end|>)
 THRESHOLD = 0.9  # low_confidence_dynamic, as the demo's headline rows
 STAGES = ("ar", "sdar")
+# The SDAR stage's ModelConfig overrides that change how the SDAR loss reads a model.
+SDAR_READING_FIELDS = ("logits_convention", "block_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,15 +90,16 @@ QUICK = Sizes(n_prompts=16, gen_tokens=16, gen_batch=8, n_task_train=32, n_task_
 class ModelEval:
     """A model of the report: its export and which held-out losses it gets.
 
-    `sdar_convention` scores the SDAR loss with that logits convention instead of the
-    checkpoint's (an AR model scored zero-shot as the SDAR stage will read it).
+    `sdar_reading` scores the SDAR loss with these ModelConfig fields (the logits
+    convention, the attention inside blocks) instead of the checkpoint's: an AR
+    model scored zero-shot as the SDAR stage will read it.
     """
 
     name: str
     export: str
     ar_loss: bool
     sdar_loss: bool
-    sdar_convention: str | None = None
+    sdar_reading: Mapping[str, str] | None = None
 
 
 def prepare_checkpoints(work: str, token: str, block_size: int) -> tuple[str, str]:
@@ -204,8 +207,9 @@ def heldout_losses(models: Sequence[ModelEval], heldout: str, run_config: ml_col
         if m.ar_loss:
             entry["ar"] = heldout_loss(params, config, tokenizer, heldout, run_config, kind="ar")
         if m.sdar_loss:
-            sdar_config = config.replace(logits_convention=m.sdar_convention or config.logits_convention)
+            sdar_config = config.replace(**(m.sdar_reading or {}))
             entry["sdar_convention"] = sdar_config.logits_convention
+            entry["sdar_block_attention"] = sdar_config.block_attention
             for b in block_sizes:
                 entry[f"sdar_b{b}"] = heldout_loss(params, sdar_config, tokenizer, heldout,
                                                    run_config, kind="sdar", block_size=b)
@@ -262,14 +266,15 @@ def run(work: str, sizes: Sizes, *, config_file: str = DEFAULT_CONFIG_FILE,
     stages = train_stages(configs)
     exports = {"released": ar_ckpt, "ar": stages["ar"]["export_dir"],
                "sdar": stages["sdar"]["export_dir"]}
-    sdar_convention = configs["sdar"].model.overrides.logits_convention
+    sdar_overrides = configs["sdar"].model.overrides
+    sdar_reading = {k: sdar_overrides[k] for k in SDAR_READING_FIELDS if k in sdar_overrides}
     models = [
         ModelEval("SmolLM2 (released)", ar_ckpt, ar_loss=True, sdar_loss=False),
         # Where the SDAR stage starts: the mask row added, read with the stage's convention.
         ModelEval("+ mask row (no training)", base, ar_loss=False, sdar_loss=True,
-                  sdar_convention=sdar_convention),
+                  sdar_reading=sdar_reading),
         ModelEval("AR fine-tuned", exports["ar"], ar_loss=True, sdar_loss=True,
-                  sdar_convention=sdar_convention),
+                  sdar_reading=sdar_reading),
         ModelEval("SDAR", exports["sdar"], ar_loss=True, sdar_loss=True),
     ]
     losses = heldout_losses(models, paths["heldout"], configs["sdar"], tokenizer, block_sizes)

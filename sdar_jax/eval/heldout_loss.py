@@ -58,6 +58,7 @@ def heldout_loss(params: Any, model: ModelConfig, tokenizer: Tokenizer, eval_pat
     config.objective.mixed_block_sizes = None
     config.objective.block_schedule_start = None
     config.objective.distill_weight = 0.0
+    config.objective.ar_loss_weight = 0.0  # the SDAR loss alone, comparable across models
     config.data.eval_path = eval_path
     batches = pipeline.make_eval_iterator(
         config.data, tokenizer, block_size if kind == "sdar" else 1, config.data.seq_len,

@@ -76,6 +76,18 @@ def test_sdar_loss_is_reproducible_and_at_the_asked_block(setup):
                         block_size=4)["loss"] != b4["loss"]
 
 
+def test_sdar_loss_leaves_out_the_training_only_ar_term(setup):
+    """A run config with the recipe's AR term scores the same SDAR loss: the held-out
+    numbers of models trained with and without the term stay comparable."""
+    tokenizer, _, path, config, params, run = setup
+    causal = config.replace(logits_convention="shifted", block_attention="causal")
+    plain = heldout_loss(params, causal, tokenizer, path, run, kind="sdar", block_size=4)
+    with_ar_term = run.copy_and_resolve_references()
+    with_ar_term.objective.ar_loss_weight = 1.0
+    assert heldout_loss(params, causal, tokenizer, path, with_ar_term, kind="sdar",
+                        block_size=4) == plain
+
+
 def test_bad_kind_and_missing_mask_are_refused(setup):
     tokenizer, _, path, config, params, run = setup
     with pytest.raises(ValueError, match="kind 'mlm'"):
