@@ -2,7 +2,8 @@
 
 The references run the model without the `[xt ; x0]` row: for block b, the
 clean blocks before it followed by block b with mask m, under the
-block-causal mask (what decoding sees), and the output at j (same_position)
+block-causal mask (what decoding sees; the causal mask for a model with causal
+blocks), and the output at j (same_position)
 or j - 1 (shifted; for the first position of a block that is the last clean
 position of the previous block, the AR prediction) scores position j.
 """
@@ -29,9 +30,10 @@ CONTEXT = [7, 12, 30]  # block 0 holds the context and one continuation position
 CONTINUATION = [41, 9, 55, 23, 17]  # positions 3..7: n = 1 in block 0, 4 in block 1
 
 
-def _model(convention: str = "same_position"):
+def _model(convention: str = "same_position", block_attention: str = "bidirectional"):
     cfg = get_preset("tiny", vocab_size=64, num_layers=1, mask_token_id=MASK, block_size=B,
-                     max_position_embeddings=64, logits_convention=convention)
+                     max_position_embeddings=64, logits_convention=convention,
+                     block_attention=block_attention)
     params = transformer.init_params(cfg, jax.random.key(3))
     # Sharper predictions than the init's, so that a wrong mask or shift moves the numbers.
     params = jax.tree.map(lambda x: x * 4.0 if x.ndim == 2 else x, params)
@@ -99,6 +101,8 @@ def _brute_force_elbo(cfg, params, context, continuation):
     """sum_b sum_{m != {}} S(m) / (|m| C(n_b, |m|)), one reference forward per mask."""
     x0 = list(context) + list(continuation)
     shifted = cfg.logits_convention == "shifted"
+    # Causal blocks: every position sees only the positions before it, masked or not.
+    mask = MaskSpec("causal") if cfg.block_attention == "causal" else MaskSpec("block_causal", B)
     total = 0.0
     for start in range(0, len(x0), B):
         end = min(start + B, len(x0))
@@ -106,15 +110,16 @@ def _brute_force_elbo(cfg, params, context, continuation):
         n = len(eligible)
         for m in _subsets(eligible):
             tokens = x0[:start] + [MASK if j in m else x0[j] for j in range(start, end)]
-            logp = _log_softmax(_logits(cfg, params, tokens, MaskSpec("block_causal", B)))
+            logp = _log_softmax(_logits(cfg, params, tokens, mask))
             s = sum(logp[j - 1 if shifted else j][x0[j]] for j in m)
             total += s / (len(m) * math.comb(n, len(m)))
     return total
 
 
-@pytest.mark.parametrize("convention", ["same_position", "shifted"])
-def test_elbo_expectation_equals_brute_force_over_every_mask(convention):
-    cfg, params = _model(convention)
+@pytest.mark.parametrize("convention,block_attention", [
+    ("same_position", "bidirectional"), ("shifted", "bidirectional"), ("shifted", "causal")])
+def test_elbo_expectation_equals_brute_force_over_every_mask(convention, block_attention):
+    cfg, params = _model(convention, block_attention)
     exact = _brute_force_elbo(cfg, params, CONTEXT, CONTINUATION)
     # The sampler draws block b's mask m with probability 1 / (n_b C(n_b, |m|)); the estimator
     # is additive over blocks, so its mean is sum_b sum_m P(m) * (its block-b term under m).
