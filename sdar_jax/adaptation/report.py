@@ -19,8 +19,13 @@ def _recipe(config: Mapping[str, Any]) -> str:
     if obj["kind"] == "ar":
         return "next-token"
     sizes = obj.get("mixed_block_sizes") or (obj["block_size"],)
-    convention = config["model"]["overrides"].get("logits_convention") or "same_position"
-    return f"SDAR, {convention} logits, B from {{{', '.join(map(str, sizes))}}}"
+    overrides = config["model"]["overrides"]
+    parts = [f"SDAR, {overrides.get('logits_convention') or 'same_position'} logits"]
+    if overrides.get("block_attention") == "causal":
+        parts.append("causal blocks")
+    if obj.get("ar_loss_weight"):
+        parts.append(f"AR term x{obj['ar_loss_weight']:g}")
+    return ", ".join(parts + [f"B from {{{', '.join(map(str, sizes))}}}"])
 
 
 def stage_lines(stages: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -72,7 +77,8 @@ def render(results: Mapping[str, Any]) -> str:
         "",
         f"Held-out set: {c['answers_heldout']} self-generated answers + {c['task_heldout_loss']} "
         "task test examples (response tokens only); SDAR losses with fixed noise keys, read with "
-        "the SDAR stage's logits convention for the AR models (where the SDAR stage starts).",
+        "the SDAR stage's logits convention and block attention for the AR models (where the "
+        "SDAR stage starts); the AR term of training is not part of it.",
         "",
         *loss_lines(results["heldout_loss"], blocks),
         "",

@@ -17,6 +17,7 @@ def test_stage_configs_carry_the_chosen_recipe(tmp_path):
     ar = experiment.stage_config(experiment.DEFAULT_CONFIG_FILE, "ar", "/ckpt", "/t.jsonl",
                                  str(tmp_path), sizes)
     assert sdar.model.overrides.logits_convention == "shifted"
+    assert sdar.model.overrides.block_attention == "causal" and sdar.objective.ar_loss_weight == 1.0
     assert tuple(sdar.objective.mixed_block_sizes) == (4, 8) and sdar.objective.kind == "sdar"
     assert ar.objective.kind == "ar" and ar.model.overrides.logits_convention is None
     for cfg, steps in ((sdar, 40), (ar, 20)):
@@ -54,8 +55,10 @@ def _results():
         "stages": {"ar": {**stage, "config": {"objective": {"kind": "ar", "block_size": 4},
                                               "model": {"overrides": {}}}},
                    "sdar": {**stage, "config": {
-                       "objective": {"kind": "sdar", "block_size": 4, "mixed_block_sizes": (4, 8)},
-                       "model": {"overrides": {"logits_convention": "shifted"}}}}},
+                       "objective": {"kind": "sdar", "block_size": 4, "mixed_block_sizes": (4, 8),
+                                     "ar_loss_weight": 1.0},
+                       "model": {"overrides": {"logits_convention": "shifted",
+                                               "block_attention": "causal"}}}}},
         "heldout_loss": {"AR": {"ar": {"loss": 1.5, "accuracy": 0.6}},
                          "SDAR": {"sdar_b4": {"loss": 3.0, "accuracy": 0.4},
                                   "sdar_b8": {"loss": 3.5, "accuracy": 0.3}}},
@@ -68,7 +71,8 @@ def _results():
 def test_report_tables():
     text = report.render(_results())
     lines = text.splitlines()
-    assert "| sdar | SDAR, shifted logits, B from {4, 8} | 2 | 512 | 30 s | 12.5 | 9.000 -> 8.000 |" in lines
+    assert ("| sdar | SDAR, shifted logits, causal blocks, AR term x1, B from {4, 8} | 2 | 512 | 30 s "
+            "| 12.5 | 9.000 -> 8.000 |") in lines
     assert "| AR | 1.500 | n/a | n/a | n/a | n/a |" in lines
     assert "| SDAR | n/a | 3.000 | 3.500 | 0.400 | 0.300 |" in lines
     assert "| SDAR B=4 t=0.9 | 25.0 ± 10.0 | 0 / 50 | 1.50 | 40 | 10.0 |" in lines
