@@ -224,7 +224,7 @@ def _run_workers(workdir, mesh: str, num_processes: int = 2) -> list[dict]:
          "--devices", "4", "--mesh", mesh, "--workdir", str(workdir)]
         for i in range(num_processes)
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = processes.cpu_process_env(4)  # the worker sets its own device count too
     processes.run_processes(argvs, [env] * num_processes, str(workdir.parent / f"{workdir.name}_worker"),
                             WORKER_TIMEOUT_S, cwd=REPO)
     return [json.loads((workdir / f"result_{i}.json").read_text()) for i in range(num_processes)]

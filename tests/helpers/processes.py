@@ -16,9 +16,15 @@ def free_port() -> int:
 
 
 def cpu_process_env(num_devices: int, **extra: str) -> dict[str, str]:
-    """This environment for a child JAX process with `num_devices` CPU devices of its own."""
+    """This environment for a child JAX process with `num_devices` CPU devices of its own.
+
+    XLA_FLAGS keeps this process's other flags (tests/conftest.py's compile-time flags, which
+    halve the children's compile time); only the device count is replaced."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}", JAX_PLATFORMS="cpu")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env.update(XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={num_devices}", *flags]),
+               JAX_PLATFORMS="cpu")
     env.update(extra)
     return env
 
