@@ -11,7 +11,6 @@ import sys
 import time
 from typing import Mapping
 
-import tensorboardX
 import tqdm
 
 
@@ -66,6 +65,10 @@ class MetricsWriter:
         )
 
     def _open(self) -> None:
+        # Imported here, not at the top: tensorboardX imports torch whenever it is installed
+        # (seconds), which a run that stops at bad input before training should not pay.
+        import tensorboardX
+
         suffix = f".{self._files}" if self._files else ""
         self._writer = tensorboardX.SummaryWriter(self._logdir, filename_suffix=suffix)
         self._files += 1
