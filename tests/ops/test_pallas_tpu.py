@@ -10,6 +10,18 @@ from sdar_jax.model import transformer
 from sdar_jax.ops import attention, masks, pallas_tpu
 from tests.ops import pallas_cases as cases
 
+
+def _output_and_grads(fn, q, k, v, dout):
+    """cases.output_and_grads under one jit: eagerly, the vjp plumbing around the interpreted
+    kernels was dispatched op by op."""
+    return jax.jit(lambda *a: cases.output_and_grads(fn, *a))(q, k, v, dout)
+
+
+def _reference(q, k, v, dout, mask):
+    """cases.reference (the XLA attention and its vjp) under one jit."""
+    return jax.jit(lambda *a: cases.reference(*a, mask))(q, k, v, dout)
+
+
 BLOCKS = pallas_tpu.SplashBlocks(128, 128, 128, 128)
 
 
@@ -23,11 +35,11 @@ def test_splash_matches_reference(mask, length, heads, kv_heads):
     ids = cases.training_inputs(length, mask=mask, batch=2, length=length, n_segments=3, pad_blocks=1)
     row = ids.q_positions.shape[1]
     q, k, v, dout = cases.qkv(row, 2, row, row, heads, kv_heads, 32, jnp.float32)
-    got = cases.output_and_grads(
+    got = _output_and_grads(
         lambda q, k, v: pallas_tpu.splash_attention(q, k, v, mask=mask, positions=ids.q_positions,
                                                     segment_ids=ids.q_segment_ids,
                                                     blocks=BLOCKS, interpret=True), q, k, v, dout)
-    errors = cases.max_errors(got, cases.reference(q, k, v, dout, ids))
+    errors = cases.max_errors(got, _reference(q, k, v, dout, ids))
     assert max(errors) < 1e-5, dict(zip(("out", "dq", "dk", "dv"), errors))
 
 
@@ -118,7 +130,7 @@ def test_pallas_impl_under_a_mesh_runs_per_device_shards():
             lambda q, k, v: attention.attention(q, k, v, ids, impl="pallas"), q, k, v, dout))(q, k, v)
         lowered = jax.jit(lambda q, k, v: attention.attention(q, k, v, ids, impl="pallas")).lower(q, k, v)
     assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
-    errors = cases.max_errors(got, cases.reference(q, k, v, dout, ids))
+    errors = cases.max_errors(got, _reference(q, k, v, dout, ids))
     assert max(errors) < 1e-5, errors
 
 
