@@ -59,7 +59,8 @@ def test_pallas_impl_in_the_model_matches_xla(backend, monkeypatch):
     monkeypatch.setattr(attention, "attention",
                         lambda *a, **kw: real(*a, **kw, backend=backend, interpret=True))
     config = get_preset("tiny", num_layers=1)
-    params = transformer.init_params(config, jax.random.PRNGKey(0))
+    # Init and each forward under jit: eagerly they were dispatched op by op.
+    params = jax.jit(transformer.init_params, static_argnums=0)(config, jax.random.PRNGKey(0))
     length = 32
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 2 * length), 0, config.vocab_size)
     pos = jnp.tile(jnp.arange(length, dtype=jnp.int32), (2, 2))
@@ -67,7 +68,8 @@ def test_pallas_impl_in_the_model_matches_xla(backend, monkeypatch):
 
     def logits(impl, **kw):
         cfg = config.replace(attention_impl=impl)
-        return transformer.apply(cfg, params, tokens[:, : kw.pop("n", 2 * length)], **kw).logits
+        n = kw.pop("n", 2 * length)
+        return jax.jit(lambda p: transformer.apply(cfg, p, tokens[:, :n], **kw).logits)(params)
 
     train_kw = dict(positions=pos, mask=masks.block_diffusion(4), segment_ids=seg)
     np.testing.assert_allclose(logits("pallas", **train_kw), logits("xla", **train_kw), atol=2e-5)
