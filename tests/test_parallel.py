@@ -385,7 +385,7 @@ def test_sharded_decoding_equals_single_device(rules):
     from sdar_jax.decode.decoder import DecodeConfig, generate
 
     config = get_preset("tiny")
-    params = transformer.init_params(config, jax.random.key(3))
+    params = jax.jit(transformer.init_params, static_argnums=0)(config, jax.random.key(3))  # eager: op by op
     prompts = np.random.default_rng(1).integers(2, config.vocab_size - 1, (4, 6)).astype(np.int32)
     lengths = np.array([6, 3, 5, 1], np.int32)
     decode = DecodeConfig(block_length=4, steps=2, max_new_tokens=8, strategy="low_confidence_static")
