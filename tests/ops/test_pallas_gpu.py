@@ -129,9 +129,9 @@ def test_tile_sizes_thread_through_the_dispatcher():
     kw = cases.training_inputs(5, mask=masks.block_diffusion(4), batch=1, length=32, n_segments=2)
     q, k, v, _ = cases.qkv(5, 1, 64, 64, 4, 2, 16, jnp.float32)
 
-    def pallas(q, mask, **tuning):
-        return attention.attention(q, k, v, mask, impl="pallas", backend="gpu", interpret=True,
-                                   tuning=attention.KernelTuning(**tuning))
+    def pallas(q, mask, **tuning):  # under jit: eagerly it was dispatched op by op
+        return jax.jit(lambda q: attention.attention(q, k, v, mask, impl="pallas", backend="gpu", interpret=True,
+                                                     tuning=attention.KernelTuning(**tuning)))(q)
 
     got = pallas(q, kw, gpu_blocks=MIXED)
     np.testing.assert_allclose(got, _reference(q, k, v, q, kw)[0], atol=1e-5)
