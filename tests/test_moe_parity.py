@@ -46,7 +46,8 @@ def sdar_apply(config, params, tokens: np.ndarray, segment_ids: np.ndarray | Non
 
 
 def sdar_forward(config, params, tokens: np.ndarray, segment_ids: np.ndarray | None = None):
-    logits, aux_loss = sdar_apply(config, params, tokens, segment_ids)
+    # Under jit: run eagerly, the MoE decoder was dispatched op by op (several seconds a call).
+    logits, aux_loss = jax.jit(lambda p: sdar_apply(config, p, tokens, segment_ids))(params)
     return np.asarray(logits), float(aux_loss)
 
 

@@ -304,8 +304,9 @@ def _run_config(preset: str):
     return config
 
 
-def _one_step(preset: str, pconfig: ParallelConfig, devices=None):
-    """(metrics, grads, new-state shardings) of one train step on the mesh `pconfig`."""
+def _one_step(preset: str, pconfig: ParallelConfig, initial, devices=None):
+    """(metrics, grads, new-state shardings) of one train step on the mesh `pconfig`, from the
+    host-memory TrainState `initial` placed into the rule-derived state shardings."""
     config = _run_config(preset)
     model = train_config.model_config(config)
     tx = optax.scale(-1.0)
@@ -317,25 +318,40 @@ def _one_step(preset: str, pconfig: ParallelConfig, devices=None):
         config, model, tx, optax.constant_schedule(1.0), state_shardings=state_sh, batch_shardings=batch_sh
     )
     with context.activate():
-        state = jax.jit(lambda r: create_train_state(model, tx, r), out_shardings=state_sh)(jax.random.key(0))
-        params = jax.device_get(state.params)
-        new_state, metrics = train_step(state, jax.device_put(batch, batch_sh))
-    grads = jax.tree.map(lambda p, q: p - np.asarray(q), params, new_state.params)
+        new_state, metrics = train_step(jax.device_put(initial, state_sh), jax.device_put(batch, batch_sh))
+    grads = jax.tree.map(lambda p, q: p - np.asarray(q), initial.params, new_state.params)
     specs = jax.tree.map(lambda x: x.sharding.spec, new_state.params)
     return jax.device_get(metrics), grads, specs
 
 
 @pytest.fixture(scope="module")
-def references():
+def initial_states():
+    """Each model's initial TrainState in host memory, made once and placed on every mesh.
+
+    Initialising under each mesh instead (jit with the state shardings as out_shardings) cost
+    one more compile per case, a third of its time; the trainer's sharded initialisation is
+    checked against one device by tests/test_multiprocess.py::test_two_processes_train_like_one.
+    """
+    out = {}
+    for preset in ("tiny", "tiny-moe"):
+        model = train_config.model_config(_run_config(preset))
+        init = jax.jit(lambda r: create_train_state(model, optax.scale(-1.0), r))  # noqa: B023
+        out[preset] = jax.device_get(init(jax.random.key(0)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def references(initial_states):
     """One train step of each model on a single device."""
     single = ParallelConfig(data=1)
-    return {preset: _one_step(preset, single, jax.devices()[:1]) for preset in ("tiny", "tiny-moe")}
+    return {preset: _one_step(preset, single, initial_states[preset], jax.devices()[:1])
+            for preset in ("tiny", "tiny-moe")}
 
 
 @pytest.mark.parametrize("preset, pconfig, expected", CASES)
-def test_sharded_train_step_equals_single_device(references, preset, pconfig, expected):
+def test_sharded_train_step_equals_single_device(references, initial_states, preset, pconfig, expected):
     ref_metrics, ref_grads, _ = references[preset]
-    metrics, grads, specs = _one_step(preset, pconfig)
+    metrics, grads, specs = _one_step(preset, pconfig, initial_states[preset])
     assert float(ref_metrics["loss"]) > 0 and float(ref_metrics["grad_norm"]) > 0
     if preset == "tiny-moe":
         assert float(ref_metrics["aux_loss"]) > 0
@@ -369,7 +385,7 @@ def test_sharded_decoding_equals_single_device(rules):
     from sdar_jax.decode.decoder import DecodeConfig, generate
 
     config = get_preset("tiny")
-    params = transformer.init_params(config, jax.random.key(3))
+    params = jax.jit(transformer.init_params, static_argnums=0)(config, jax.random.key(3))  # eager: op by op
     prompts = np.random.default_rng(1).integers(2, config.vocab_size - 1, (4, 6)).astype(np.int32)
     lengths = np.array([6, 3, 5, 1], np.int32)
     decode = DecodeConfig(block_length=4, steps=2, max_new_tokens=8, strategy="low_confidence_static")
@@ -417,13 +433,13 @@ def test_fsdp_runs_each_matmul_on_the_devices_own_rows():
 @pytest.mark.parametrize(
     "preset, sizes", [("tiny", CUSTOM_DENSE), ("tiny-moe", CUSTOM_MOE)], ids=["dense", "moe"]
 )
-def test_custom_rules_train_like_the_defaults_with_their_own_specs(references, preset, sizes):
+def test_custom_rules_train_like_the_defaults_with_their_own_specs(references, initial_states, preset, sizes):
     """Params, optimizer state, batches, the layer constraint and (MoE) expert parallelism
     under the custom rules: the train step equals one device, and the applied specs are the
     custom ones, not the defaults."""
     custom = ParallelConfig(**sizes, logical_rules=CUSTOM_RULES)
     ref_metrics, ref_grads, _ = references[preset]
-    metrics, grads, specs = _one_step(preset, custom)
+    metrics, grads, specs = _one_step(preset, custom, initial_states[preset])
     for key in ("loss", "aux_loss", "grad_norm", "accuracy"):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
     for (path, g), ref in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(ref_grads)):

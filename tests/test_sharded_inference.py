@@ -84,7 +84,9 @@ def checkpoints(tmp_path_factory):
     out = {}
     for i, preset in enumerate(("tiny", "tiny-moe")):
         config = get_preset(preset)
-        params = jax.device_get(transformer.init_params(config, jax.random.key(10 + i)))
+        # Under jit: eagerly, init_params' forward was dispatched op by op.
+        init = jax.jit(transformer.init_params, static_argnums=0)
+        params = jax.device_get(init(config, jax.random.key(10 + i)))
         path = tmp_path_factory.mktemp("ckpt") / preset
         save_params_checkpoint(path, config, params)
         out[preset] = (str(path), params)

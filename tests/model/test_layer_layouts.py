@@ -14,11 +14,16 @@ from sdar_jax.model import transformer
 from sdar_jax.model.layers import OUT_MAJOR_KERNEL
 from sdar_jax.ops.masks import MaskSpec
 
+# Jitted: run eagerly, the unrolled layers were dispatched op by op (4 forwards of the
+# out-major test: 8.7 s -> 2.4 s). Both sides of every comparison go through the same jit.
+_apply = jax.jit(transformer.apply, static_argnums=0, static_argnames="mask")
+_init_params = jax.jit(transformer.init_params, static_argnums=0)
+
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
 def test_unrolled_forward_equals_scanned(preset):
     config = get_preset(preset)
-    params = transformer.init_params(config, jax.random.key(0))
+    params = _init_params(config, jax.random.key(0))
     unrolled = transformer.unstack_layers(params)
     assert sorted(k for k in unrolled if k.startswith("layers")) == [
         f"layers_{i}" for i in range(config.num_layers)]
@@ -29,8 +34,8 @@ def test_unrolled_forward_equals_scanned(preset):
     positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
     mask = MaskSpec("block_causal", 4)
     cache = transformer.init_cache(config, 2, 16)
-    want = transformer.apply(config, params, tokens, positions, mask=mask, cache=cache)
-    got = transformer.apply(config, unrolled, tokens, positions, mask=mask, cache=cache)
+    want = _apply(config, params, tokens, positions, mask=mask, cache=cache)
+    got = _apply(config, unrolled, tokens, positions, mask=mask, cache=cache)
     np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got.aux_loss, want.aux_loss, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got.cache.k, want.cache.k, rtol=1e-5, atol=1e-6)
@@ -60,7 +65,7 @@ def test_unstack_needs_a_stack():
 def test_out_major_kernels_forward_equals_stored(preset, unstack):
     """Few rows (weight-first product) and many rows (row-first) alike, with a cache."""
     config = get_preset(preset)
-    params = transformer.init_params(config, jax.random.key(1))
+    params = _init_params(config, jax.random.key(1))
     stored = transformer.unstack_layers(params) if unstack else params
     converted = transformer.out_major_kernels(stored, config, min_size=0)
     layer = converted["layers_0"] if unstack else converted["layers"]
@@ -74,8 +79,8 @@ def test_out_major_kernels_forward_equals_stored(preset, unstack):
         tokens = jnp.asarray(np.arange(rows)[None] * 7 % config.vocab_size, jnp.int32)
         positions = jnp.arange(rows, dtype=jnp.int32)[None]
         cache = transformer.init_cache(config, 1, 32)
-        want = transformer.apply(config, params, tokens, positions, mask=mask, cache=cache)
-        got = transformer.apply(config, converted, tokens, positions, mask=mask, cache=cache)
+        want = _apply(config, params, tokens, positions, mask=mask, cache=cache)
+        got = _apply(config, converted, tokens, positions, mask=mask, cache=cache)
         np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(got.cache.k, want.cache.k, rtol=1e-5, atol=1e-5)
 
@@ -96,7 +101,7 @@ def test_out_major_kernels_skip_small_weights_and_free_the_stored_ones():
     (16, 4, "ar", True), (17, 4, "ar", False)])
 def test_few_rows_layout_only_for_few_rows_per_forward(slots, block, mode, converts):
     config = get_preset("tiny", hidden_size=512, num_heads=8, head_dim=64)
-    params = transformer.init_params(config, jax.random.key(0))
+    params = _init_params(config, jax.random.key(0))  # one compile shared by the five cases
     model = InferenceModel(config, params, None)
     dc = DecodeConfig(mode=mode, block_length=block, steps=block)
     out = few_rows_layout(model, dc, slots, stored_layout=False)

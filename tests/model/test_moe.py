@@ -64,7 +64,8 @@ def test_moe_mlp_matches_transformers_sparse_block():
 
 def test_decoder_on_expert_mesh_equals_single_device():
     cfg = get_preset("tiny-moe", remat_policy="full")
-    params = transformer.init_params(cfg, jax.random.key(0))
+    # Init and the one-device reference under jit: eagerly they were dispatched op by op.
+    params = jax.jit(transformer.init_params, static_argnums=0)(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(12), tokens.shape)
     segment_ids = jnp.ones_like(tokens).at[1, 9:].set(0)  # row padding: out of the aux loss
@@ -75,7 +76,7 @@ def test_decoder_on_expert_mesh_equals_single_device():
         )
         return jnp.mean(out.logits**2) + out.aux_loss, out
 
-    (ref_loss, ref_out), ref_grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (ref_loss, ref_out), ref_grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     mesh = jax.make_mesh((2, 4), ("data", "expert"), axis_types=(AUTO,) * 2)
     with jax.set_mesh(mesh):
         (got_loss, got_out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)

@@ -1,11 +1,23 @@
 """The Triton-style flash kernels (interpret mode) equal the XLA reference, values and gradients."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sdar_jax.ops import attention, masks, pallas_gpu
 from tests.ops import pallas_cases as cases
+
+def _output_and_grads(fn, q, k, v, dout):
+    """cases.output_and_grads under one jit: eagerly, the vjp plumbing around the interpreted
+    kernels was dispatched op by op."""
+    return jax.jit(lambda *a: cases.output_and_grads(fn, *a))(q, k, v, dout)
+
+
+def _reference(q, k, v, dout, mask):
+    """cases.reference (the XLA attention and its vjp) under one jit."""
+    return jax.jit(lambda *a: cases.reference(*a, mask))(q, k, v, dout)
+
 
 SMALL = pallas_gpu.BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 MIXED = pallas_gpu.BlockSizes(block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=32)
@@ -27,10 +39,10 @@ def test_flash_matches_reference_float32(mask, length, heads, kv_heads, n_segmen
                                pad_blocks=pad_blocks)
     row = kw.q_positions.shape[1]
     q, k, v, dout = cases.qkv(row, 2, row, row, heads, kv_heads, 16, jnp.float32)
-    got = cases.output_and_grads(
+    got = _output_and_grads(
         lambda q, k, v: pallas_gpu.flash_attention(q, k, v, kw, block_sizes=blocks, interpret=True),
         q, k, v, dout)
-    want = cases.reference(q, k, v, dout, kw)
+    want = _reference(q, k, v, dout, kw)
     errors = cases.max_errors(got, want)
     assert max(errors) < 1e-5, dict(zip(("out", "dq", "dk", "dv"), errors))
 
@@ -43,10 +55,10 @@ def test_flash_arbitrary_positions_and_cross_lengths():
     kv_seg = jnp.asarray((np.arange(56) >= 3).astype(np.int32)[None].repeat(2, 0))
     kw = masks.AttentionMask(mask, q_pos, kv_pos, jnp.ones((2, 24), jnp.int32), kv_seg)
     q, k, v, dout = cases.qkv(1, 2, 24, 56, 4, 2, 16, jnp.float32)
-    got = cases.output_and_grads(
+    got = _output_and_grads(
         lambda q, k, v: pallas_gpu.flash_attention(q, k, v, kw, block_sizes=SMALL, interpret=True),
         q, k, v, dout)
-    assert max(cases.max_errors(got, cases.reference(q, k, v, dout, kw))) < 1e-5
+    assert max(cases.max_errors(got, _reference(q, k, v, dout, kw))) < 1e-5
 
 
 # bfloat16: inputs rounded to bf16, reference in float32 on the rounded inputs. The kernel
@@ -59,11 +71,11 @@ def test_flash_bfloat16_within_documented_tolerance():
     mask = masks.block_diffusion(4)
     kw = cases.training_inputs(3, mask=mask, batch=2, length=64, n_segments=2)
     q, k, v, dout = cases.qkv(3, 2, 128, 128, 4, 2, 32, jnp.bfloat16)
-    got = cases.output_and_grads(
+    got = _output_and_grads(
         lambda q, k, v: pallas_gpu.flash_attention(q, k, v, kw, block_sizes=MIXED, interpret=True),
         q, k, v, dout)
     assert got[0].dtype == jnp.float32  # cast by the helper; the kernel returned bf16
-    want = cases.reference(q, k, v, dout, kw)
+    want = _reference(q, k, v, dout, kw)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         scale = float(jnp.max(jnp.abs(w)))
         assert float(jnp.max(jnp.abs(g - w))) <= BF16_TOLERANCE[name] * max(scale, 1.0), name
@@ -117,17 +129,17 @@ def test_tile_sizes_thread_through_the_dispatcher():
     kw = cases.training_inputs(5, mask=masks.block_diffusion(4), batch=1, length=32, n_segments=2)
     q, k, v, _ = cases.qkv(5, 1, 64, 64, 4, 2, 16, jnp.float32)
 
-    def pallas(q, mask, **tuning):
-        return attention.attention(q, k, v, mask, impl="pallas", backend="gpu", interpret=True,
-                                   tuning=attention.KernelTuning(**tuning))
+    def pallas(q, mask, **tuning):  # under jit: eagerly it was dispatched op by op
+        return jax.jit(lambda q: attention.attention(q, k, v, mask, impl="pallas", backend="gpu", interpret=True,
+                                                     tuning=attention.KernelTuning(**tuning)))(q)
 
     got = pallas(q, kw, gpu_blocks=MIXED)
-    np.testing.assert_allclose(got, cases.reference(q, k, v, q, kw)[0], atol=1e-5)
+    np.testing.assert_allclose(got, _reference(q, k, v, q, kw)[0], atol=1e-5)
     with pytest.raises(ValueError, match=r"BlockSizes.block_q \(1\)"):
         pallas(q, kw, gpu_blocks=pallas_gpu.BlockSizes(1, 16, 16, 16))
     dkw = masks.AttentionMask(masks.block_causal(4), kw.q_positions[:, 60:], kw.kv_positions)
     decoded = pallas(q[:, 60:], dkw, decode_block_k=16, decode_splits=2)
-    want = cases.reference(q[:, 60:], k, v, q[:, 60:], dkw)[0]
+    want = _reference(q[:, 60:], k, v, q[:, 60:], dkw)[0]
     np.testing.assert_allclose(decoded, want, atol=1e-5)
     with pytest.raises(ValueError, match="block_k"):
         pallas(q[:, 60:], dkw, decode_block_k=24)

@@ -10,6 +10,18 @@ from sdar_jax.model import transformer
 from sdar_jax.ops import attention, masks, pallas_tpu
 from tests.ops import pallas_cases as cases
 
+
+def _output_and_grads(fn, q, k, v, dout):
+    """cases.output_and_grads under one jit: eagerly, the vjp plumbing around the interpreted
+    kernels was dispatched op by op."""
+    return jax.jit(lambda *a: cases.output_and_grads(fn, *a))(q, k, v, dout)
+
+
+def _reference(q, k, v, dout, mask):
+    """cases.reference (the XLA attention and its vjp) under one jit."""
+    return jax.jit(lambda *a: cases.reference(*a, mask))(q, k, v, dout)
+
+
 BLOCKS = pallas_tpu.SplashBlocks(128, 128, 128, 128)
 
 
@@ -23,11 +35,11 @@ def test_splash_matches_reference(mask, length, heads, kv_heads):
     ids = cases.training_inputs(length, mask=mask, batch=2, length=length, n_segments=3, pad_blocks=1)
     row = ids.q_positions.shape[1]
     q, k, v, dout = cases.qkv(row, 2, row, row, heads, kv_heads, 32, jnp.float32)
-    got = cases.output_and_grads(
+    got = _output_and_grads(
         lambda q, k, v: pallas_tpu.splash_attention(q, k, v, mask=mask, positions=ids.q_positions,
                                                     segment_ids=ids.q_segment_ids,
                                                     blocks=BLOCKS, interpret=True), q, k, v, dout)
-    errors = cases.max_errors(got, cases.reference(q, k, v, dout, ids))
+    errors = cases.max_errors(got, _reference(q, k, v, dout, ids))
     assert max(errors) < 1e-5, dict(zip(("out", "dq", "dk", "dv"), errors))
 
 
@@ -47,7 +59,8 @@ def test_pallas_impl_in_the_model_matches_xla(backend, monkeypatch):
     monkeypatch.setattr(attention, "attention",
                         lambda *a, **kw: real(*a, **kw, backend=backend, interpret=True))
     config = get_preset("tiny", num_layers=1)
-    params = transformer.init_params(config, jax.random.PRNGKey(0))
+    # Init and each forward under jit: eagerly they were dispatched op by op.
+    params = jax.jit(transformer.init_params, static_argnums=0)(config, jax.random.PRNGKey(0))
     length = 32
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 2 * length), 0, config.vocab_size)
     pos = jnp.tile(jnp.arange(length, dtype=jnp.int32), (2, 2))
@@ -55,7 +68,8 @@ def test_pallas_impl_in_the_model_matches_xla(backend, monkeypatch):
 
     def logits(impl, **kw):
         cfg = config.replace(attention_impl=impl)
-        return transformer.apply(cfg, params, tokens[:, : kw.pop("n", 2 * length)], **kw).logits
+        n = kw.pop("n", 2 * length)
+        return jax.jit(lambda p: transformer.apply(cfg, p, tokens[:, :n], **kw).logits)(params)
 
     train_kw = dict(positions=pos, mask=masks.block_diffusion(4), segment_ids=seg)
     np.testing.assert_allclose(logits("pallas", **train_kw), logits("xla", **train_kw), atol=2e-5)
@@ -118,7 +132,7 @@ def test_pallas_impl_under_a_mesh_runs_per_device_shards():
             lambda q, k, v: attention.attention(q, k, v, ids, impl="pallas"), q, k, v, dout))(q, k, v)
         lowered = jax.jit(lambda q, k, v: attention.attention(q, k, v, ids, impl="pallas")).lower(q, k, v)
     assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
-    errors = cases.max_errors(got, cases.reference(q, k, v, dout, ids))
+    errors = cases.max_errors(got, _reference(q, k, v, dout, ids))
     assert max(errors) < 1e-5, errors
 
 

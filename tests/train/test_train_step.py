@@ -20,8 +20,17 @@ def _setup(config):
     run_config.validate(config, model)
     schedule = optimizer.learning_rate_schedule(config.optimizer, config.train.steps)
     tx = optimizer.make_optimizer(config.optimizer, config.train.steps)
-    state = create_train_state(model, tx, jax.random.key(0))
+    # Under jit: eagerly, the init's forward and the optimizer init were dispatched op by op.
+    state = jax.jit(lambda rng: create_train_state(model, tx, rng))(jax.random.key(0))
     return model, tx, schedule, state
+
+
+def _jitted_sdar_loss(model, params, batch, rng):
+    """The reference: sdar_loss called directly (not through the train step), under one jit
+    rather than dispatched op by op."""
+    fn = functools.partial(sdar_loss, functools.partial(transformer.apply, model),
+                           block_size=4, mask_token_id=model.mask_token_id)
+    return jax.jit(fn)(params, batch, rng)
 
 
 def test_micro_batches_interleave_rows():
@@ -77,10 +86,7 @@ def test_moe_aux_loss_enters_the_objective():
     assert model.is_moe and run_config.aux_loss_coef(config, model) == 0.5
     batch = next(synthetic_iterator())
     micro_key = jax.random.split(step_rng(state), 1)[0]
-    loss, reference = sdar_loss(
-        functools.partial(transformer.apply, model), state.params, batch, micro_key,
-        block_size=4, mask_token_id=model.mask_token_id,
-    )
+    loss, reference = _jitted_sdar_loss(model, state.params, batch, micro_key)
     _, metrics = step.compile_train_step(config, model, tx, schedule)(state, batch)
     assert float(reference["aux_loss"]) > 0
     np.testing.assert_allclose(metrics["aux_loss"], reference["aux_loss"], rtol=1e-5)
@@ -119,10 +125,7 @@ def test_reported_loss_is_the_sdar_objective(sdar_run):
     model, initial = sdar_run["model"], sdar_run["initial"]
     state0 = jax.tree.map(jax.numpy.asarray, initial)
     micro_key = jax.random.split(step_rng(state0), 1)[0]
-    loss, metrics = sdar_loss(
-        functools.partial(transformer.apply, model), state0.params, sdar_run["first_batch"], micro_key,
-        block_size=4, mask_token_id=model.mask_token_id,
-    )
+    loss, metrics = _jitted_sdar_loss(model, state0.params, sdar_run["first_batch"], micro_key)
     first = sdar_run["history"][0]
     np.testing.assert_allclose(first["loss"], loss, rtol=1e-5)
     np.testing.assert_allclose(first["accuracy"], metrics["accuracy"], rtol=1e-5)
