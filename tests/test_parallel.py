@@ -348,6 +348,19 @@ def references(initial_states):
             for preset in ("tiny", "tiny-moe")}
 
 
+def test_sharded_moe_init_equals_the_one_device_init(initial_states):
+    """The train state initialised straight into its shardings on an expert mesh holds the
+    one-device values (the dense model's sharded init is checked by test_multiprocess)."""
+    model = train_config.model_config(_run_config("tiny-moe"))
+    tx = optax.scale(-1.0)
+    context = _context(ParallelConfig(data=1, fsdp=2, tensor=2, expert=2))
+    state_sh = model_sharding.state_shardings(abstract_train_state(model, tx), model, context)
+    with context.activate():
+        state = jax.jit(lambda r: create_train_state(model, tx, r), out_shardings=state_sh)(jax.random.key(0))
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), initial_states["tiny-moe"])
+
+
 @pytest.mark.parametrize("preset, pconfig, expected", CASES)
 def test_sharded_train_step_equals_single_device(references, initial_states, preset, pconfig, expected):
     ref_metrics, ref_grads, _ = references[preset]
