@@ -22,13 +22,12 @@ import sys
 
 if __name__ == "__main__":
     # Before jax is imported: this process's CPU devices, and the repository on the path.
-    _devices = sys.argv[sys.argv.index("--devices") + 1] if "--devices" in sys.argv else "4"
-    # The other inherited flags stay (tests/conftest.py's compile-time flags).
-    _flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-              if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={_devices}", *_flags])
-    os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.helpers.processes import with_device_count  # stdlib only: jax is not imported
+
+    _devices = sys.argv[sys.argv.index("--devices") + 1] if "--devices" in sys.argv else "4"
+    os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), _devices)
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 import grain  # noqa: E402
 import jax  # noqa: E402

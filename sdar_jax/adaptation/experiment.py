@@ -270,7 +270,7 @@ def run(work: str, sizes: Sizes, *, config_file: str = DEFAULT_CONFIG_FILE,
     sdar_reading = {k: sdar_overrides[k] for k in SDAR_READING_FIELDS if k in sdar_overrides}
     models = [
         ModelEval("SmolLM2 (released)", ar_ckpt, ar_loss=True, sdar_loss=False),
-        # Where the SDAR stage starts: the mask row added, read with the stage's convention.
+        # Where the SDAR stage starts: the mask row added, read as the stage reads it.
         ModelEval("+ mask row (no training)", base, ar_loss=False, sdar_loss=True,
                   sdar_reading=sdar_reading),
         ModelEval("AR fine-tuned", exports["ar"], ar_loss=True, sdar_loss=True,

@@ -15,15 +15,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def with_device_count(xla_flags: str, num_devices: int | str) -> str:
+    """`xla_flags` with its fake CPU device count set to `num_devices` and every other flag kept
+    (tests/conftest.py's compile-time flags halve a child's compile time)."""
+    kept = [f for f in xla_flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([f"--xla_force_host_platform_device_count={num_devices}", *kept])
+
+
 def cpu_process_env(num_devices: int, **extra: str) -> dict[str, str]:
     """This environment for a child JAX process with `num_devices` CPU devices of its own.
 
-    XLA_FLAGS keeps this process's other flags (tests/conftest.py's compile-time flags, which
-    halve the children's compile time); only the device count is replaced."""
+    XLA_FLAGS keeps this process's other flags (`with_device_count`)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env.update(XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={num_devices}", *flags]),
+    env.update(XLA_FLAGS=with_device_count(os.environ.get("XLA_FLAGS", ""), num_devices),
                JAX_PLATFORMS="cpu")
     env.update(extra)
     return env
