@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import flax.struct
 import jax.numpy as jnp
 
 from sdar_jax.config import ModelConfig
@@ -11,19 +12,35 @@ from sdar_jax.ops import attention as attention_ops
 from sdar_jax.ops.masks import AttentionMask, MaskSpec
 
 
-def write_cache(cache: jnp.ndarray, new: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
-    """Writes each row's new keys (or values) at that row's own positions.
+@flax.struct.dataclass
+class LayerCache:
+    """One layer's view of the KV cache.
 
-    Args:
-      cache: [batch, max_len, kv_heads, head_dim].
-      new: [batch, seq, kv_heads, head_dim].
-      positions: [batch, seq] int32, each < max_len.
-
-    Returns:
-      The updated cache, same shape.
+    k, v: [batch, max_len, kv_heads, head_dim] when `layer` is None (the
+      layer's own arrays, as a layer scan hands them out), or every layer's
+      [layers, batch, max_len, kv_heads, head_dim] with `layer` the static
+      index of this one. Writing through the stacked form updates the one
+      buffer in place; slicing a layer out and setting it back copies the
+      layer's cache twice per forward on XLA:CPU (docs/benchmarks.md).
     """
-    rows = jnp.arange(cache.shape[0])[:, None]
-    return cache.at[rows, positions].set(new.astype(cache.dtype))
+
+    k: jnp.ndarray
+    v: jnp.ndarray
+    layer: int | None = flax.struct.field(pytree_node=False, default=None)
+
+    def write(self, k: jnp.ndarray, v: jnp.ndarray, positions: jnp.ndarray) -> LayerCache:
+        """Writes each row's new keys and values ([batch, seq, kv_heads, head_dim])
+        at that row's own positions ([batch, seq] int32, each < max_len)."""
+        index = () if self.layer is None else (self.layer,)
+        rows = jnp.arange(positions.shape[0])[:, None]
+        return self.replace(k=self.k.at[index + (rows, positions)].set(k.astype(self.k.dtype)),
+                            v=self.v.at[index + (rows, positions)].set(v.astype(self.v.dtype)))
+
+    def layer_arrays(self) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """This layer's (k, v), each [batch, max_len, kv_heads, head_dim]."""
+        if self.layer is None:
+            return self.k, self.v
+        return self.k[self.layer], self.v[self.layer]
 
 
 class Attention(nn.Module):
@@ -43,14 +60,14 @@ class Attention(nn.Module):
         x: jnp.ndarray,
         positions: jnp.ndarray,
         segment_ids: jnp.ndarray | None,
-        cache: tuple[jnp.ndarray, jnp.ndarray] | None,
-    ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray] | None]:
+        cache: LayerCache | None,
+    ) -> tuple[jnp.ndarray, LayerCache | None]:
         """
         Args:
           x: [batch, seq, hidden] in the compute dtype.
           positions: [batch, seq] int32.
           segment_ids: [batch, seq] int32 or None (ignored with a cache).
-          cache: (k, v), each [batch, max_len, kv_heads, head_dim], or None.
+          cache: this layer's LayerCache, or None.
 
         Returns:
           ([batch, seq, hidden], updated cache or None).
@@ -75,9 +92,8 @@ class Attention(nn.Module):
             mask = AttentionMask.self_attention(self.mask, positions, segment_ids)
             new_cache = None
         else:
-            cache_k = write_cache(cache[0], k, positions)
-            cache_v = write_cache(cache[1], v, positions)
-            new_cache = (cache_k, cache_v)
+            new_cache = cache.write(k, v, positions)
+            cache_k, cache_v = new_cache.layer_arrays()
             k, v = cache_k.astype(dtype), cache_v.astype(dtype)
             batch, max_len = cache_k.shape[:2]
             kv_positions = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))

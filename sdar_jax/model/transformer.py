@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from sdar_jax import parallel
 from sdar_jax.config import REMAT_POLICIES, ModelConfig
-from sdar_jax.model.attention import Attention
+from sdar_jax.model.attention import Attention, LayerCache
 from sdar_jax.model.layers import (
     OUT_MAJOR_KERNEL, OutMajorDense, RMSNorm, SwiGLU, dense_init, dtype_of, logical_init,
 )
@@ -162,9 +162,9 @@ class Transformer(nn.Module):
         layer_cls = DecoderLayer
         if cfg.remat_policy != "none":
             layer_cls = nn.remat(DecoderLayer, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
-        layer_caches = None if cache is None else (cache.k, cache.v)
         router_totals = RouterStats.zeros(cfg.num_experts) if cfg.is_moe else jnp.zeros((), jnp.float32)
         carry = (x, router_totals)
+        layer_cache = None if cache is None else LayerCache(cache.k, cache.v)
         if self.scan_layers:
             layers = nn.scan(
                 layer_cls,
@@ -174,17 +174,16 @@ class Transformer(nn.Module):
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, mask, name="layers")
-            carry, layer_caches = layers(carry, layer_caches, positions, segment_ids)
+            carry, layer_cache = layers(carry, layer_cache, positions, segment_ids)
         else:
             for i in range(cfg.num_layers):
-                layer_cache = None if cache is None else (layer_caches[0][i], layer_caches[1][i])
+                if layer_cache is not None:  # every layer writes into the one stacked buffer
+                    layer_cache = layer_cache.replace(layer=i)
                 carry, layer_cache = layer_cls(cfg, mask, name=f"layers_{i}")(
                     carry, layer_cache, positions, segment_ids)
-                if cache is not None:
-                    layer_caches = tuple(c.at[i].set(n) for c, n in zip(layer_caches, layer_cache))
         x, router_totals = carry
         aux_loss = load_balancing_loss(router_totals) if cfg.is_moe else router_totals
-        new_cache = None if cache is None else KVCache(k=layer_caches[0], v=layer_caches[1])
+        new_cache = None if cache is None else KVCache(k=layer_cache.k, v=layer_cache.v)
 
         if logits_slice is not None:
             x = x[:, logits_slice[0] : logits_slice[1]]
