@@ -567,6 +567,25 @@ def _where_rows(rows: jnp.ndarray, new, old):
     )
 
 
+def _run_if(pred: jnp.ndarray, fn, operand):
+    """fn(operand) if the traced scalar `pred` holds, else operand (fn keeps its
+    structure, shapes and dtypes), updating operand's buffers in place.
+
+    `lax.cond` would do the same, but XLA copies every buffer that a cond branch
+    updates in place (the whole KV cache, each forward); a while loop's carry is
+    updated in place, so this runs fn as a loop of zero or one trip.
+    """
+    def once(carry):
+        return jnp.bool_(False), fn(carry[1])
+
+    return jax.lax.while_loop(lambda carry: carry[0], once, (pred, operand))[1]
+
+
+def _cond(pred: jnp.ndarray, true_fn, false_fn, operand):
+    """`lax.cond(pred, true_fn, false_fn, operand)` by two `_run_if`s (in place)."""
+    return _run_if(~pred, false_fn, _run_if(pred, true_fn, operand))
+
+
 def _fold_keys(keys: jax.Array, *indices: jnp.ndarray) -> jax.Array:
     """[batch] keys folded with per-row indices, in order."""
     for index in indices:
@@ -709,7 +728,8 @@ def _run_queue(state, program: _Program, static: _Static, stop_ids, num_items: i
         was_done = st.done
         st, block = program.forward(st)
         finished = st.done & ~was_done
-        st, rows = jax.lax.cond(jnp.any(finished), refill, keep, st, finished)
+        st, rows = _run_if(jnp.any(finished), lambda carry: refill(carry[0], finished),
+                           (st, empty.finished))
         return st, _Report(block=block, finished=rows, all_done=jnp.all(st.done))
 
     def go_on(carry):
@@ -721,7 +741,7 @@ def _run_queue(state, program: _Program, static: _Static, stop_ids, num_items: i
     def prefill_first(st):
         return st.replace(cache=program.prefill(st.canvas, st.cache), prefilled=jnp.bool_(True))
 
-    state = jax.lax.cond(state.prefilled, lambda st: st, prefill_first, state)
+    state = _run_if(~state.prefilled, prefill_first, state)
     return jax.lax.while_loop(go_on, body, (state, empty))
 
 
@@ -855,13 +875,14 @@ def _diffusion_program(params, prompt_tokens, prompt_lengths, keys, knobs, confi
             mask_id,
         )
 
-        def fused(cache):
+        def fused(carry):  # carry: (logits, cache) -> the same, this forward's
             both = jnp.concatenate([first_positions, positions], axis=1)
             head = (b - 1, 2 * b - 1) if shifted else (b, 2 * b)
             return _forward(config, params, jnp.concatenate([first_tokens, tokens], axis=1), both,
-                            block_mask, cache, head)
+                            block_mask, carry[1], head)
 
-        def plain(cache):
+        def plain(carry):
+            cache = carry[1]
             if not shifted:
                 return _forward(config, params, tokens, positions, block_mask, cache)
             logits, cache = _forward(config, params, tokens, positions, block_mask, cache, (0, b - 1))
@@ -869,8 +890,9 @@ def _diffusion_program(params, prompt_tokens, prompt_lengths, keys, knobs, confi
             return jnp.concatenate([placeholder, logits], axis=1), cache
 
         if static.fused_forward == "always":
-            return fused(st.cache)
-        return jax.lax.cond(jnp.any(writes_previous), fused, plain, st.cache)
+            return fused((None, st.cache))
+        no_logits = jnp.zeros((slots, b, config.vocab_size), jnp.float32)
+        return _cond(jnp.any(writes_previous), fused, plain, (no_logits, st.cache))
 
     def denoise(st):
         """One forward for every slot: proposals, commits, finished blocks and sequences."""
