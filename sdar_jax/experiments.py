@@ -156,14 +156,20 @@ def diagnose(models: Mapping[str, tuple[str, str]], tokenizer: Tokenizer,
 
 
 def results_table(rows: Sequence[Mapping[str, Any]], task_names: Sequence[str]) -> str:
-    """Accuracy ± its binomial standard error (all, per task), TPF, forwards, tokens/s."""
+    """Accuracy ± its binomial standard error (all, per task), TPF, forwards, batch
+    forwards, tokens/s and, when a row decodes in AR mode, every row's tokens/s
+    against that (the first AR row's)."""
+    ar = next((r for r in rows if r.get("mode") == "ar"), None)
     flat = [{**r, "acc": f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_stderr']:.1f}",
-             **{f"acc_{t}": 100 * r["accuracy_by_task"].get(t, 0.0) for t in task_names}}
+             **{f"acc_{t}": 100 * r["accuracy_by_task"].get(t, 0.0) for t in task_names},
+             **({"vs_ar": f"{r['tokens_per_second'] / ar['tokens_per_second']:.2f}x"} if ar else {})}
             for r in rows]
     columns = [("name", "decoding", ""), ("acc", "acc % ± se", "")]
     columns += [(f"acc_{t}", f"{t} %", ".0f") for t in task_names]
     columns += [("tpf", "TPF", ".2f"), ("num_forwards", "forwards", "d"),
-                ("tokens_per_second", "tokens/s", ".0f")]
+                ("batch_forwards", "batch fwd", "d"), ("tokens_per_second", "tokens/s", ".0f")]
+    if ar:
+        columns.append(("vs_ar", "tokens/s vs AR", ""))
     return report.format_table(flat, columns)
 
 

@@ -21,11 +21,24 @@ def test_rows_and_slugs():
 def test_results_table_prints_standard_errors():
     rows = [{"name": "AR", "accuracy": 0.25, "accuracy_stderr": 0.025,
              "accuracy_by_task": {"add": 0.5}, "tpf": 1.0, "num_forwards": 10,
-             "tokens_per_second": 100.0}]
+             "batch_forwards": 5, "tokens_per_second": 100.0}]
     table = experiments.results_table(rows, ("add", "sort"))
     assert "25.0 ± 2.5" in table and "acc % ± se" in table
     line = table.splitlines()[-1]
     assert "50" in line and "1.00" in line
+    assert "vs AR" not in table  # no AR-mode row to compare with
+
+
+def test_results_table_puts_each_rows_tokens_per_second_against_the_ar_rows():
+    common = {"accuracy": 0.5, "accuracy_stderr": 0.05, "accuracy_by_task": {}, "tpf": 1.0}
+    rows = [{**common, "name": "AR", "mode": "ar", "num_forwards": 40, "batch_forwards": 20,
+             "tokens_per_second": 200.0},
+            {**common, "name": "SDAR B=4", "mode": "diffusion", "num_forwards": 20,
+             "batch_forwards": 12, "tokens_per_second": 150.0}]
+    lines = experiments.results_table(rows, ()).splitlines()
+    assert "tokens/s vs AR" in lines[0] and "batch fwd" in lines[0]
+    assert lines[2].rstrip().endswith("1.00x") and lines[3].rstrip().endswith("0.75x")
+    assert " 12 " in lines[3]
 
 
 def test_write_json_is_atomic(tmp_path):
