@@ -257,3 +257,31 @@ def test_decoding_layouts_decode_the_same_tokens(model, layout, temperature):
     got = jax.device_get(generate_many(relaid, config, tokens, lengths, keys, dc, num_slots=2))
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.num_forwards, want.num_forwards)
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar"])
+def test_the_compiled_loop_never_copies_the_whole_cache(model, mode):
+    """XLA copies a buffer that a `lax.cond` branch updates in place, and a layer's
+    cache sliced out of the stack and set back is copied too; the loop writes the
+    cache in place instead (decoder._run_if, model.attention.LayerCache). Checked
+    on the compiled program with layers as separate buffers (how generate and
+    evaluate decode), more prompts than slots (the refill compiled in) and the
+    width choice of fused_forward="when_needed"."""
+    from sdar_jax.decode import decoder
+
+    config, params = model
+    dc = DecodeConfig(mode=mode, block_length=4, steps=4, strategy="low_confidence_dynamic",
+                      threshold=0.9, max_new_tokens=MAX_NEW, stop_ids=(1,))
+    tokens, lengths = _padded(PROMPTS)
+    static, knobs = decoder._split(dc, 3)
+    inputs = (transformer.unstack_layers(params), tokens, lengths,
+              jax.random.split(jax.random.key(0), len(PROMPTS)), knobs)
+    state = decoder._start(*inputs, config=config, static=static)
+    cache_shape = ",".join(map(str, state.cache.k.shape))
+    hlo = decoder._resume.lower(*inputs, state, jnp.int32(0), config=config,
+                                static=static).compile().as_text()
+    assert f"f32[{cache_shape}]" in hlo  # the cache is in the program under this name
+    copies = [line.strip() for line in hlo.splitlines()
+              if f"f32[{cache_shape}]" in line.split("=", 1)[-1].split("(", 1)[0]
+              and " copy(" in line]
+    assert copies == []
