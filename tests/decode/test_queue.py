@@ -261,12 +261,12 @@ def test_decoding_layouts_decode_the_same_tokens(model, layout, temperature):
 
 @pytest.mark.parametrize("mode", ["diffusion", "ar"])
 def test_the_compiled_loop_never_copies_the_whole_cache(model, mode):
-    """XLA copies a buffer that a `lax.cond` branch updates in place, and a layer's
-    cache sliced out of the stack and set back is copied too; the loop writes the
-    cache in place instead (decoder._run_if, model.attention.LayerCache). Checked
-    on the compiled program with layers as separate buffers (how generate and
-    evaluate decode), more prompts than slots (the refill compiled in) and the
-    width choice of fused_forward="when_needed"."""
+    """XLA copies a buffer that a `lax.cond` branch updates in place: the whole KV
+    cache on every forward, when the width choice, the refill and the first
+    prefill were conds (they are `decoder._run_if` loops now; this fails on
+    them). Checked on the compiled program with the layers as separate buffers
+    (how generate and evaluate decode), more prompts than slots (the refill
+    compiled in) and fused_forward="when_needed" (the width choice)."""
     from sdar_jax.decode import decoder
 
     config, params = model
