@@ -24,6 +24,10 @@ batch size; otherwise the two are the same and one row is printed):
                 next block together (sum over block index of the per-block
                 maximum of the rows' steps; the decoder before per-row
                 progress), same tokens
+  queue fwd     the fewest batch forwards the schedule allows for these rows'
+                forward counts (plain: the sum over batches of the slowest
+                row's; continuous: the first-in-first-out queue's makespan,
+                `perf.queue_forwards`); batch fwd above it is decoder overhead
   batch TPF     generated tokens / (batch forwards x batch)
   slot use      forwards the rows needed / (batch forwards x batch): the rest
                 are forwards run for slots whose row had finished (or, in a
@@ -62,6 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdar_jax import perf
 from sdar_jax.config import ModelConfig, get_preset
 from sdar_jax.decode.decoder import DecodeConfig, generate_many
 from sdar_jax.model import transformer
@@ -255,10 +260,15 @@ def run(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
                 slots = min(batch, n)
                 lock_step = (None if dc.mode == "ar"
                              else _lock_step_forwards(np.asarray(out["steps_per_block"]), batch))
+                row_forwards = np.asarray(out["num_forwards"]).tolist()
+                queue = (perf.queue_forwards(row_forwards, batch) if schedule == "continuous"
+                         else sum(max(row_forwards[i:i + batch])
+                                  for i in range(0, len(row_forwards), batch)))
                 rows.append(dict(
                     batch=batch, prompts=n, schedule=schedule if n > batch else "-", run=name,
                     tokens_per_s=rate, row_tpf=float(out["tokens_per_forward"].mean()),
                     batch_forwards=batch_forwards, lock_step_forwards=lock_step,
+                    queue_forwards=queue,
                     max_row_forwards=int(out["num_forwards"].max()),
                     batch_tpf=generated / (batch_forwards * slots),
                     slot_use=int(out["num_forwards"].sum()) / (batch_forwards * slots),
@@ -272,13 +282,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     name, rows = run(args)
     print(f"# {name}, {rows[0]['prompts'] if rows else 0}+ prompts, device "
           f"{jax.devices()[0].device_kind}; tokens/s exclude compilation")
-    print("| batch | prompts | schedule | run | tokens/s | row TPF | batch fwd | lock-step fwd | "
-          "max row fwd | batch TPF | slot use | vs AR | CPU s (all runs of the row) |")
-    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch | prompts | schedule | run | tokens/s | row TPF | batch fwd | queue fwd | "
+          "lock-step fwd | max row fwd | batch TPF | slot use | vs AR | CPU s (all runs of the row) |")
+    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         lock = "" if r["lock_step_forwards"] is None else str(r["lock_step_forwards"])
         print(f"| {r['batch']} | {r['prompts']} | {r['schedule']} | {r['run']} | "
-              f"{r['tokens_per_s']:.1f} | {r['row_tpf']:.2f} | {r['batch_forwards']} | {lock} | "
+              f"{r['tokens_per_s']:.1f} | {r['row_tpf']:.2f} | {r['batch_forwards']} | "
+              f"{r['queue_forwards']} | {lock} | "
               f"{r['max_row_forwards']} | {r['batch_tpf']:.2f} | {100 * r['slot_use']:.0f} % | "
               f"{r['ratio']:.2f}x | {r['cpu_seconds']:.1f} |")
     return 0

@@ -20,9 +20,10 @@ rates and HBM bandwidths; an unknown device gives None and the caller says so
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +130,21 @@ def bandwidth_roofline_tokens_per_s(config: ModelConfig, *, itemsize: int, hbm_b
                                     tokens_per_forward: float) -> float:
     """Batch-1 decoding upper bound: one weight read per forward, `tokens_per_forward` tokens each."""
     return tokens_per_forward * hbm_bytes_per_s / forward_weight_bytes(config, itemsize)
+
+
+def queue_forwards(row_forwards: Sequence[int], slots: int) -> int:
+    """The fewest batch forwards in which `slots` slots decode rows with these forward
+    counts, taken first in, first out: the first `slots` rows start at the first
+    forward; a slot whose row ends at forward t takes the next waiting row, whose
+    first forward is t + 1. What continuous batching can reach for these rows (in
+    this order); with len(row_forwards) <= slots, the largest count.
+    """
+    if slots < 1:
+        raise ValueError(f"queue_forwards: slots must be >= 1, got {slots}")
+    ends = sorted(int(f) for f in row_forwards[:slots])
+    for forwards in row_forwards[slots:]:
+        heapq.heapreplace(ends, ends[0] + int(forwards))
+    return max(ends, default=0)
 
 
 def median_seconds(fn: Callable[..., Any], *args: Any, repeats: int) -> float:

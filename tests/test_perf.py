@@ -87,3 +87,14 @@ def test_roofline_is_bandwidth_over_weight_bytes():
 def test_moe_configs_are_refused():
     with pytest.raises(ValueError, match="MoE"):
         perf.layer_matmul_params(get_preset("tiny-moe"))
+
+
+def test_queue_forwards_is_the_first_in_first_out_makespan():
+    # Slots A, B: A runs row 0 (forwards 1-3); B row 1 (1), then row 2 (2-3); both
+    # free after forward 3, so row 3 runs 4-5.
+    assert perf.queue_forwards([3, 1, 2, 2], 2) == 5
+    assert perf.queue_forwards([3, 1], 4) == 3  # fewer rows than slots: the slowest row
+    assert perf.queue_forwards([5, 5, 5], 1) == 15
+    assert perf.queue_forwards([], 2) == 0
+    with pytest.raises(ValueError, match="slots"):
+        perf.queue_forwards([1], 0)

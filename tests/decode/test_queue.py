@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sdar_jax import perf
 from sdar_jax.config import get_preset
 from sdar_jax.decode.decoder import DecodeConfig, Hooks, generate, generate_many
 from sdar_jax.model import transformer
@@ -103,8 +104,8 @@ def test_queue_equals_each_prompt_alone(model, strategy, knobs):
     alone = _alone(config, params, dc, keys)
     _assert_same(result, alone)
     assert len(set(result.lengths.tolist())) > 1  # mixed output lengths
-    # Two slots: the run is at least half the total work, and every row's own forwards.
-    assert int(result.batch_forwards) >= -(-int(result.num_forwards.sum()) // 2)
+    # Two slots, no forward wasted: exactly the first-in-first-out queue's makespan.
+    assert int(result.batch_forwards) == perf.queue_forwards(result.num_forwards.tolist(), 2)
 
 
 @pytest.mark.parametrize("convention", ["same_position", "shifted"])
@@ -150,6 +151,7 @@ def test_ar_queue_and_finish_hook(model):
                                           hooks=Hooks(on_finish=on_finish)))
     _assert_same(result, _alone(config, params, dc, keys))
     assert len(set(result.lengths.tolist())) > 1
+    assert int(result.batch_forwards) == perf.queue_forwards(result.num_forwards.tolist(), 2)
     assert sorted(reported) == list(range(len(PROMPTS)))
     for i in range(len(PROMPTS)):
         assert reported[i] == result.tokens[i, : int(result.lengths[i])].tolist()
