@@ -157,7 +157,10 @@ def test_large_shards_are_written_as_they_go(tmp_path):
 def test_peak_memory_does_not_grow_with_the_layer_count(tmp_path, capsys):
     """bench/convert_memory.py at small shapes: from 3 to 9 layers the
     checkpoint grows by ~75 MB; holding the model (three copies, as before)
-    would add ~225 MB to each direction's peak RSS."""
+    would add ~225 MB to each direction's peak RSS, holding even one copy ~75 MB.
+    Allocator noise under a loaded machine reached 0.49x of the data's growth
+    once (the full suite under xdist, 2026-12-02), so the bound is 0.6x: below
+    one held copy, far below three."""
     rows = convert_memory.main([
         "--preset", "tiny", "--hidden", "512", "--intermediate", "2048", "--dtype", "float32",
         "--layers", "3", "9", "--workdir", str(tmp_path),
@@ -168,7 +171,7 @@ def test_peak_memory_does_not_grow_with_the_layer_count(tmp_path, capsys):
     assert data_growth > 70e6
     for direction in ("hf_to_jax", "jax_to_hf"):
         growth = getattr(large, direction).peak_rss - getattr(small, direction).peak_rss
-        assert growth < 0.3 * data_growth, (direction, growth, data_growth)
+        assert growth < 0.6 * data_growth, (direction, growth, data_growth)
 
 
 def test_measure_runs_the_given_checkouts_module(tmp_path):
