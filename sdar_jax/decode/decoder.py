@@ -886,8 +886,9 @@ def _diffusion_program(params, prompt_tokens, prompt_lengths, keys, knobs, confi
             if not shifted:
                 return _forward(config, params, tokens, positions, block_mask, cache)
             logits, cache = _forward(config, params, tokens, positions, block_mask, cache, (0, b - 1))
-            placeholder = jnp.zeros((slots, 1, logits.shape[-1]), logits.dtype)  # position 0: kept
-            return jnp.concatenate([placeholder, logits], axis=1), cache
+            # Position 0 keeps its first-step proposal (st.first); its logits row is unread.
+            unread = jnp.zeros((slots, 1, logits.shape[-1]), logits.dtype)
+            return jnp.concatenate([unread, logits], axis=1), cache
 
         if static.fused_forward == "always":
             return fused((None, st.cache))
